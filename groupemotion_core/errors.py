@@ -1,0 +1,21 @@
+"""One error type for everything a user can get wrong.
+
+Every mistake a user can make (bad media, a bad checkpoint, a bad URI, a bad label) raises a
+subclass of GroupEmotionError carrying a short machine-readable `reason` code. The CLI turns it
+into `error: <reason>: <detail>` and exit status 2; the pipelines turn it into an `error` value
+in a row. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class GroupEmotionError(Exception):
+    """A user-facing failure with a stable reason code (e.g. "not_media", "bad_checkpoint")."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # keep reason/detail when Ray ships the error between processes
+        return (type(self), (self.reason, self.detail))

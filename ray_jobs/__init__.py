@@ -1,0 +1,1 @@
+"""ray_jobs: everything that runs on Ray."""

@@ -1,0 +1,87 @@
+"""Local paths and s3:// URIs behind one small interface.
+
+Object storage is reached through s3fs and configured only by the standard AWS environment
+variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION), so a local S3
+server in the tests and AWS in production take the same code path. Ray Data gets the same s3fs
+instance wrapped as a pyarrow filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+import pyarrow.fs as pafs
+
+from groupemotion_core.errors import GroupEmotionError
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it (no scheme)."""
+    if uri.startswith("s3://"):
+        import s3fs
+
+        # The endpoint is part of the constructor arguments so fsspec's instance cache never
+        # hands back a filesystem bound to another endpoint.
+        fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        return fs, uri[len("s3://") :].rstrip("/")
+    if is_remote(uri) and not uri.startswith("file://"):
+        raise GroupEmotionError("bad_uri", f"{uri}: only local paths and s3:// URIs are supported")
+    fs = fsspec.filesystem("file")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return fs, os.path.abspath(os.path.expanduser(path))
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The same filesystem as `filesystem(uri)`, wrapped for pyarrow and Ray Data."""
+    fs, path = filesystem(uri)
+    if uri.startswith("s3://"):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if is_remote(uri):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """Read a whole object; refuse objects larger than `max_bytes` before reading them."""
+    fs, path = filesystem(uri)
+    try:
+        if max_bytes is not None and fs.size(path) > max_bytes:
+            raise GroupEmotionError("too_large", f"{uri} is larger than {max_bytes} bytes")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise GroupEmotionError("not_found", f"{uri} does not exist") from None
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write an object so that readers see either nothing or the whole of it.
+
+    An S3 PUT is atomic already; on a local disk the bytes go to a temporary name beside the
+    target and are renamed into place.
+    """
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
