@@ -85,3 +85,34 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under `local_dir` to `uri` (a local path or s3:// prefix), files atomically."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local_dir)
+            with open(os.path.join(root, name), "rb") as f:
+                write_bytes_atomic(join(uri, *rel.split(os.sep)), f.read())
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy the objects under `uri` into `local_dir` and return it (a local `uri` is returned as is)."""
+    if not is_remote(uri):
+        path = filesystem(uri)[1]
+        if not os.path.isdir(path):
+            raise GroupEmotionError("not_found", f"{uri} is not a directory")
+        return path
+    fs, path = filesystem(uri)
+    found = fs.find(path)
+    if not found:
+        raise GroupEmotionError("not_found", f"nothing under {uri}")
+    os.makedirs(local_dir, exist_ok=True)
+    for key in found:
+        rel = posixpath.relpath(key, path)
+        if rel.startswith("..") or posixpath.isabs(rel):
+            continue
+        target = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(key, target)
+    return local_dir

@@ -67,6 +67,7 @@ def ray_session(s3_server):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=4,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

@@ -1,0 +1,30 @@
+"""Connecting a job to Ray: the cluster in RAY_ADDRESS, or a fresh local one.
+
+`ray.init()` with no address silently attaches to whatever `ray start` cluster it finds on the
+machine; a job run on a laptop must instead start its own (the embedded default), so the address
+is always spelled out. Under `ray job submit` RAY_ADDRESS is set by Ray itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None):
+    """Connect to RAY_ADDRESS if set, otherwise start a local Ray bound to loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, configure_logging=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )
+    return ray
