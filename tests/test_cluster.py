@@ -1,0 +1,144 @@
+"""The cluster files are data, so they are checked as data: each parses, passes the validator of
+the tool that reads it where one exists, and every command it names is a real command whose
+arguments the real parser accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_every_yaml_file_parses():
+    files = sorted(CLUSTER.rglob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), path
+
+
+def test_runtime_env_uses_only_fields_ray_knows():
+    from ray.runtime_env import RuntimeEnv
+
+    env = _load(CLUSTER / "runtime_env.yaml")
+    assert set(env) <= RuntimeEnv.known_fields
+    assert RuntimeEnv(**env)["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_load(CLUSTER / "aws-gpu.yaml"))
+    validate_config(config)
+    node_types = config["available_node_types"]
+    assert node_types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in node_types.values())
+
+
+def test_raycluster_has_the_fields_kuberay_requires():
+    rc = _load(KUBERAY / "raycluster.yaml")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    spec = rc["spec"]
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert "rayStartParams" in spec["headGroupSpec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for group in groups.values():
+        assert {"replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_limits = [
+        c["resources"]["limits"].get("nvidia.com/gpu")
+        for g in groups.values()
+        for c in g["template"]["spec"]["containers"]
+    ]
+    assert any(gpu_limits), "no worker group asks for nvidia.com/gpu"
+    # S3 credentials reach every Ray container from the Kubernetes secret.
+    secret = _load(KUBERAY / "s3-secret.example.yaml")
+    pods = [spec["headGroupSpec"]] + list(groups.values())
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            refs = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
+            assert secret["metadata"]["name"] in refs
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-infer.yaml"])
+def test_rayjobs_target_the_raycluster_and_parse(name):
+    rc = _load(KUBERAY / "raycluster.yaml")
+    job = _load(KUBERAY / name)
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    _check_command(job["spec"]["entrypoint"])
+
+
+def _named_commands() -> list[str]:
+    """Every `groupemotion ...` or `python -m ray_jobs.<job> ...` line in the docs and manifests."""
+    texts = [p.read_text() for p in [ROOT / "README.md", CLUSTER / "README.md"]]
+    commands = []
+    for text in texts:
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            joined = block.replace("\\\n", " ")
+            for line in joined.splitlines():
+                line = line.split("#", 1)[0].strip()
+                match = re.search(r"(groupemotion\s+\w+.*|python3? -m ray_jobs\.\w+.*)", line)
+                if match and "bin/groupemotion" not in line.split()[0]:
+                    commands.append(match.group(1))
+    return commands
+
+
+def _argv(command: str) -> list[str]:
+    words = shlex.split(command)
+    if words[0] == "groupemotion":
+        return words[1:]
+    module = words[2].removeprefix("ray_jobs.")
+    job = {m.removeprefix("ray_jobs."): name for name, (m, _) in cli.COMMANDS.items()}[module]
+    return [job, *words[3:]]
+
+
+def _check_command(command: str) -> None:
+    argv = _argv(" ".join(command.split()))
+    cli.build_parser(argv).parse_args(argv)  # raises SystemExit on an unknown flag
+
+
+def test_documented_commands_exist_and_parse():
+    commands = _named_commands()
+    assert len(commands) >= 5
+    for command in commands:
+        _check_command(command)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_entrypoint_answers_help(command):
+    module = cli.COMMANDS[command][0]
+    for argv in ([sys.executable, "-m", module, "--help"], [sys.executable, "-m", "ray_jobs.cli", command, "--help"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "usage:" in done.stdout
+
+
+def test_image_installs_the_package_the_readme_installs():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM pytorch/pytorch:\S+cuda\S+", dockerfile, flags=re.M)
+    assert re.search(r"^RUN pip install \.$", dockerfile, flags=re.M)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert f"COPY {package.rstrip('*')} " in dockerfile
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"pip install (-e )?\"?\.(\[dev\])?\"?", readme)
+    assert project["project"]["name"] == "groupemotion"
