@@ -17,7 +17,7 @@ from pathlib import Path
 import timm
 from safetensors import SafetensorError
 from torch import nn
-from transformers import HubertModel
+from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model import GroupEmotionModel
@@ -62,8 +62,26 @@ def _load_audio(model: GroupEmotionModel, source: str) -> None:
         # use_safetensors=True: transformers refuses a directory or repo holding only pickles.
         pretrained = HubertModel.from_pretrained(source, use_safetensors=True)
         _copy_strict(pretrained, model.audio.hubert, source)
+        _adopt_feature_extractor_settings(model, source)
     except _LOAD_ERRORS as e:
         raise GroupEmotionError("bad_weights", f"audio weights {source}: {e}") from None
+
+
+def _adopt_feature_extractor_settings(model: GroupEmotionModel, source: str) -> None:
+    """Feed HuBERT the waveform the way its checkpoint was trained on, per its own preprocessor config.
+
+    A checkpoint's preprocessor_config.json says whether its waveforms were normalised to zero
+    mean and unit variance and whether it takes an attention mask; the settings are written into
+    the model config too, so every fine-tuned checkpoint carries them. A source without that file
+    keeps the config's settings.
+    """
+    try:
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(source)
+    except OSError:
+        return
+    audio_cfg = model.config.audio
+    audio_cfg.do_normalize = model.audio.do_normalize = bool(extractor.do_normalize)
+    audio_cfg.use_attention_mask = model.audio.use_attention_mask = bool(extractor.return_attention_mask)
 
 
 def _local_safetensors(path: Path) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from transformers import HubertModel
+from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
 from groupemotion_core.checkpoint import MAX_CONFIG_BYTES, load_checkpoint, save_checkpoint
 from groupemotion_core.config import preset
@@ -172,6 +172,21 @@ def test_audio_weights_load_from_a_save_pretrained_directory(model, tmp_path):
     loaded = model.audio.hubert.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def test_audio_input_policy_follows_the_checkpoints_feature_extractor(model, tmp_path):
+    """A large-style checkpoint (normalised input, attention masks) says so in its preprocessor
+    config; loading it switches the model to that policy, and a fine-tuned checkpoint keeps it."""
+    source = HubertModel(hubert_config(preset("tiny").audio))
+    source.save_pretrained(tmp_path / "hubert")
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "hubert")
+    assert not model.config.audio.do_normalize and not model.audio.use_attention_mask
+    load_pretrained(model, audio=str(tmp_path / "hubert"))
+    assert model.config.audio.do_normalize and model.audio.do_normalize
+    assert model.config.audio.use_attention_mask and model.audio.use_attention_mask
+    save_checkpoint(model, tmp_path / "finetuned")
+    reloaded, _ = load_checkpoint(tmp_path / "finetuned")
+    assert reloaded.audio.do_normalize and reloaded.audio.use_attention_mask
 
 
 def test_pickled_pretrained_weights_are_refused(model, tmp_path):
