@@ -8,9 +8,11 @@ instance wrapped as a pyarrow filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
+from typing import BinaryIO, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -116,3 +118,67 @@ def download_dir(uri: str, local_dir: str) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(key, target)
     return local_dir
+
+
+def find(uri: str) -> list[tuple[str, int]]:
+    """The objects a URI names, as sorted (uri, size) pairs: a folder or prefix (recursively),
+    a glob (`*`, `?`, `[`), or one object. Returned URIs keep the caller's scheme, so they can
+    be passed back to any function here (and name rows in a stable way)."""
+    fs, path = filesystem(uri)
+    if any(c in path for c in "*?["):
+        found = fs.glob(path, detail=True)
+    else:
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise GroupEmotionError("not_found", f"{uri} does not exist") from None
+        found = fs.find(path, detail=True) if info["type"] == "directory" else {path: info}
+    scheme = "s3://" if uri.startswith("s3://") else ""
+    return sorted(
+        (scheme + name, int(info.get("size") or 0))
+        for name, info in found.items()
+        if info.get("type") != "directory"
+    )
+
+
+def remove(uri: str) -> None:
+    """Delete one object or file (missing is fine)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+@contextlib.contextmanager
+def open_write_atomic(uri: str) -> Iterator[BinaryIO]:
+    """Stream an object of any size so that readers see either nothing or the whole of it.
+
+    The streaming twin of `write_bytes_atomic`, for objects that should not be held in memory:
+    on S3 the bytes go up as a multipart upload that is completed only when the block exits
+    cleanly and aborted otherwise (fsspec's transaction protocol: autocommit=False, then
+    commit() or discard()); on a local disk they go to a temporary name that is renamed into
+    place or deleted.
+    """
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        f = fs.open(path, "wb", autocommit=False)
+        try:
+            yield f
+            f.close()
+        except BaseException:
+            f.close()
+            f.discard()
+            raise
+        f.commit()
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,388 @@
+"""Clip archives in local folders or object storage -> a Ray Dataset of SourceRows.
+
+Two layouts, told apart by file extension:
+
+- tar shards (`*.tar`, written by `groupemotion pack` or any WebDataset-style writer): the members
+  `<key>.<ext>` and `<key>.json` (`{"label": ...}`) of one key form one clip. The key of a row is
+  `<shard uri>/<member key>`.
+- plain video objects (`*.mp4`, `*.mkv`, `*.webm`, `*.mov`, `*.avi`): the key of a row is the
+  object's URI; its label comes from a labels CSV (see `read_labels_csv`) or, without one, from a
+  class-named parent folder (`Negative/`, `Neutral/`, `Positive/`).
+
+Each input URI may be a folder or prefix, a glob, one object, or a `manifest.json` written by
+pack. One custom `ray.data.Datasource` plans the reads: one read task per shard, one per small
+group of plain objects. It is a Datasource of its own rather than `read_binary_files` because
+the size limit must be checked before an object is read, each object's label must travel with
+its own read task (not a whole-dataset dict shipped to every worker), and both layouts must give
+the same schema.
+
+Shards are untrusted input. A shard is streamed with `tarfile` (mode `r|`, no seeking, no
+decompression) and members are only ever read into memory: a member name is never a filesystem
+path. Links, devices, directories and other special members, and names that are absolute or
+contain `..`, are skipped. A video over `max_video_bytes` is not read; its row carries an error.
+
+Besides the SourceRow columns, every row has an `error` column (null, or `<reason>: <detail>` for
+a clip the reader already knows is bad: too large, a shard that ends mid-member, a label member
+that is not JSON); the decode stage turns it into an error ClipRow so that every input clip still
+yields exactly one row. Label values are canonicalised with `schema.parse_label` where they are
+valid (class names in any case, VGAF numbers) and passed through as written otherwise, so that
+the decode stage can report them as errors rather than the reader failing the job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.media import DecodeSpec
+from groupemotion_core.schema import CLASSES, SourceRow, parse_label
+from ray_jobs import storage
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = ("mp4", "mkv", "webm", "mov", "avi")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "groupemotion-shards/1"
+
+ERROR = "error"  # the reader's extra column, see the module docstring
+SCHEMA = pa.schema(
+    [
+        pa.field(SourceRow.KEY, pa.string(), nullable=False),
+        pa.field(SourceRow.VIDEO, pa.large_binary()),
+        pa.field(SourceRow.LABEL, pa.string()),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+
+# Limits on the small text inputs that are read whole.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_LABELS_CSV_BYTES = 256 << 20
+MAX_LABEL_MEMBER_BYTES = 64 << 10
+
+# Plain objects are grouped into read tasks of at most this many objects and bytes.
+_OBJECTS_PER_TASK = 64
+_BYTES_PER_TASK = 256 << 20
+# A read task hands a block to Ray Data once it holds this many bytes of video.
+_BLOCK_BYTES = 64 << 20
+
+
+def read_sources(
+    uris: list[str] | str,
+    labels_csv: str | None = None,
+    *,
+    max_video_bytes: int = DecodeSpec().max_input_bytes,
+) -> ray.data.Dataset:
+    """A Ray Dataset of SourceRows (plus `error`) for every clip under `uris`.
+
+    The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks.
+    `labels_csv` labels plain video objects (one it does not name has no label); shards carry
+    their own labels. Objects and members over `max_video_bytes` are not read (an error row).
+    """
+    inputs = _expand(uris)
+    labels = read_labels_csv(labels_csv) if labels_csv else None
+    return ray.data.read_datasource(_SourceDatasource(inputs, labels, max_video_bytes))
+
+
+def list_inputs(uris: list[str] | str) -> list[str]:
+    """The shard and video object URIs that `uris` name, deduplicated, in a deterministic order
+    (inputs in the order given, each expanded in sorted order)."""
+    return [uri for uri, _ in _expand(uris)]
+
+
+def layout(uri: str) -> str | None:
+    """"tar", "video" or None (not an input) from a URI's extension."""
+    ext = posixpath.splitext(uri)[1].lower().lstrip(".")
+    if ext == "tar":
+        return "tar"
+    return "video" if ext in VIDEO_EXTENSIONS else None
+
+
+def read_labels_csv(uri: str) -> dict[str, str]:
+    """A labels CSV -> {video name stem: label as written}.
+
+    The VGAF layout: one row per clip, video name then class, separated by a comma (or, as in
+    VGAF's own `*_labels.txt`, by whitespace), with an optional header row. The name may carry
+    a directory and a video extension; both are dropped, so `a/10_1.mp4` and `10_1` are the same
+    clip. The class is a name in any case or a VGAF number (`schema.VGAF_NUMERIC_LABELS`:
+    1 = Positive, 2 = Neutral, 3 = Negative); values are returned unvalidated so each caller
+    picks its policy (pack refuses a bad one, read_sources reports it as a row error).
+    A name listed twice with different labels is a GroupEmotionError.
+    """
+    text = storage.read_bytes(uri, max_bytes=MAX_LABELS_CSV_BYTES).decode("utf-8-sig")
+    labels: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        cells = next(csv.reader([line])) if "," in line else line.split()
+        if len(cells) < 2:
+            raise GroupEmotionError("bad_labels", f"{uri} line {number}: expected `name,label`")
+        name, label = video_stem(cells[0]), cells[1].strip()
+        if number == 1 and not _is_label(label):
+            continue  # a header row such as `Vid_name,Label`
+        if labels.setdefault(name, label) != label:
+            raise GroupEmotionError(
+                "bad_labels", f"{uri} line {number}: {name} is labelled twice, differently"
+            )
+    return labels
+
+
+def video_stem(name: str) -> str:
+    """The name a labels CSV uses for a video: its base name without a video extension."""
+    base = posixpath.basename(name.strip().replace("\\", "/"))
+    stem, ext = posixpath.splitext(base)
+    return stem if ext.lower().lstrip(".") in VIDEO_EXTENSIONS else base
+
+
+def folder_label(uri: str) -> str | None:
+    """The class a class-named parent folder gives a video (`.../Positive/x.mp4`), or None."""
+    parent = posixpath.basename(posixpath.dirname(uri.replace("\\", "/")))
+    return next((c for c in CLASSES if c.lower() == parent.lower()), None)
+
+
+def _is_label(value: str) -> bool:
+    try:
+        parse_label(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _canonical(value) -> str | None:
+    """A label as stored -> class name if it is one, else the value as text (reported later)."""
+    if value is None:
+        return None
+    try:
+        return parse_label(str(value))
+    except ValueError:
+        return str(value)[:200]
+
+
+def _expand(uris: list[str] | str) -> list[tuple[str, int]]:
+    seen: set[str] = set()
+    out: list[tuple[str, int]] = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        for item in _expand_one(uri):
+            if item[0] not in seen:
+                seen.add(item[0])
+                out.append(item)
+    if not out:
+        raise GroupEmotionError("not_found", "no inputs given")
+    return out
+
+
+def _expand_one(uri: str) -> list[tuple[str, int]]:
+    if posixpath.basename(uri.rstrip("/")) == MANIFEST_NAME:
+        return _from_manifest(uri)
+    found = storage.find(uri)
+    inputs = [(u, size) for u, size in found if layout(u)]
+    if len(found) == 1 and not inputs:
+        raise GroupEmotionError("bad_input", f"{uri} is neither a .tar shard nor a video")
+    if not inputs:
+        raise GroupEmotionError(
+            "not_found", f"no .tar shards or videos ({', '.join(VIDEO_EXTENSIONS)}) at {uri}"
+        )
+    return inputs
+
+
+def _from_manifest(uri: str) -> list[tuple[str, int]]:
+    try:
+        manifest = json.loads(storage.read_bytes(uri, max_bytes=MAX_MANIFEST_BYTES))
+        shards = manifest["shards"]
+        names = [(s["name"], int(s["bytes"])) for s in shards]
+    except (ValueError, KeyError, TypeError) as e:
+        raise GroupEmotionError("bad_manifest", f"{uri}: {e}") from None
+    root = uri.rstrip("/")[: -len(MANIFEST_NAME)].rstrip("/") or "."
+    for name, _ in names:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise GroupEmotionError("bad_manifest", f"{uri}: shard name {name!r} is not a file name")
+    return [(storage.join(root, name), size) for name, size in names]
+
+
+@dataclass(frozen=True)
+class _Video:
+    uri: str
+    size: int
+    label: str | None
+
+
+class _SourceDatasource(Datasource):
+    """Plans one read task per shard and one per group of plain objects (see module docstring)."""
+
+    def __init__(self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int):
+        self._shards = [(u, s) for u, s in inputs if layout(u) == "tar"]
+        self._videos = [
+            _Video(u, s, _canonical(_plain_label(u, labels))) for u, s in inputs if layout(u) == "video"
+        ]
+        self._max_video_bytes = max_video_bytes
+
+    def get_name(self) -> str:
+        return "GroupEmotionSources"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(s for _, s in self._shards) + sum(v.size for v in self._videos)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        limit = self._max_video_bytes
+        tasks = [_shard_task(uri, size, limit) for uri, size in self._shards]
+        tasks += [_video_task(group, limit) for group in _groups(self._videos, parallelism)]
+        return tasks
+
+
+def _plain_label(uri: str, labels: dict[str, str] | None) -> str | None:
+    if labels is None:
+        return folder_label(uri)
+    return labels.get(video_stem(uri))
+
+
+def _groups(videos: list[_Video], parallelism: int) -> Iterator[list[_Video]]:
+    """Consecutive runs of objects: enough runs to use `parallelism`, none too big."""
+    per_task = max(1, min(_OBJECTS_PER_TASK, -(-len(videos) // max(1, parallelism))))
+    group: list[_Video] = []
+    held = 0
+    for video in videos:
+        if group and (len(group) >= per_task or held + video.size > _BYTES_PER_TASK):
+            yield group
+            group, held = [], 0
+        group.append(video)
+        held += video.size
+    if group:
+        yield group
+
+
+def _metadata(num_rows: int | None, size: int, files: list[str]) -> BlockMetadata:
+    return BlockMetadata(num_rows=num_rows, size_bytes=size, exec_stats=None, input_files=files)
+
+
+def _shard_task(uri: str, size: int, max_video_bytes: int) -> ReadTask:
+    return ReadTask(
+        lambda: _blocks(_shard_rows(uri, max_video_bytes)), _metadata(None, size, [uri]), SCHEMA
+    )
+
+
+def _video_task(group: list[_Video], max_video_bytes: int) -> ReadTask:
+    meta = _metadata(len(group), sum(v.size for v in group), [v.uri for v in group])
+    return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes)), meta, SCHEMA)
+
+
+def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
+    """Rows -> Arrow tables of about _BLOCK_BYTES, so a big shard never sits in memory whole."""
+    batch: list[dict] = []
+    held = 0
+    for row in rows:
+        batch.append(row)
+        held += len(row[SourceRow.VIDEO] or b"")
+        if held >= _BLOCK_BYTES:
+            yield pa.Table.from_pylist(batch, schema=SCHEMA)
+            batch, held = [], 0
+    if batch:
+        yield pa.Table.from_pylist(batch, schema=SCHEMA)
+
+
+def _row(key: str, video: bytes | None, label: str | None, error: str | None = None) -> dict:
+    return {SourceRow.KEY: key, SourceRow.VIDEO: video, SourceRow.LABEL: label, ERROR: error}
+
+
+def _video_rows(group: list[_Video], max_video_bytes: int) -> Iterator[dict]:
+    for video in group:
+        if video.size > max_video_bytes:
+            yield _row(video.uri, None, video.label, f"too_large: {video.size} bytes > {max_video_bytes}")
+            continue
+        try:
+            data = storage.read_bytes(video.uri, max_bytes=max_video_bytes)
+        except GroupEmotionError as e:  # deleted or grown since listing; I/O errors go to Ray's retry
+            yield _row(video.uri, None, video.label, str(e))
+            continue
+        yield _row(video.uri, data, video.label)
+
+
+def _shard_rows(uri: str, max_video_bytes: int) -> Iterator[dict]:
+    """The clips of one shard, in member order; a shard cut short ends with an error row."""
+    fs, path = storage.filesystem(uri)
+    seen: set[str] = set()
+    try:
+        with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for key, clip in _group_members(tar, uri, max_video_bytes):
+                if key in seen:
+                    log.warning("%s: key %s appears twice; the second copy is skipped", uri, key)
+                    continue
+                seen.add(key)
+                yield clip
+    except tarfile.TarError as e:  # a broken or truncated shard is bad input, not a retryable failure
+        yield _row(uri, None, None, f"bad_shard: {e}")
+
+
+def _group_members(tar: tarfile.TarFile, shard_uri: str, max_video_bytes: int):
+    """Consecutive members sharing a key -> (key, row), WebDataset-style."""
+    key = None
+    parts: dict = {}
+    for member in tar:
+        name = _safe_name(member, shard_uri)
+        if name is None:
+            continue
+        directory, base = posixpath.split(name)
+        stem, _, ext = base.partition(".")
+        member_key = posixpath.join(directory, stem)
+        if member_key != key:
+            if key is not None:
+                yield key, _sample_row(shard_uri, key, parts)
+            key, parts = member_key, {}
+        _take_member(tar, member, ext.lower(), parts, max_video_bytes)
+    if key is not None:
+        yield key, _sample_row(shard_uri, key, parts)
+
+
+def _safe_name(member: tarfile.TarInfo, shard_uri: str) -> str | None:
+    """The member's name if it is a regular file with a plain relative name, else None."""
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    parts = name.split("/")
+    ok = (
+        member.isreg()
+        and name
+        and not name.startswith("/")
+        and ".." not in parts
+        and "\\" not in name
+        and "\x00" not in name
+        and not parts[-1].startswith(".")
+    )
+    if not ok:
+        log.warning("%s: skipping member %r (not a regular file with a safe name)", shard_uri, member.name)
+        return None
+    return name
+
+
+def _take_member(tar, member: tarfile.TarInfo, ext: str, parts: dict, max_video_bytes: int) -> None:
+    if ext == "json":
+        if member.size > MAX_LABEL_MEMBER_BYTES:
+            parts["error"] = f"bad_label: label member is {member.size} bytes"
+            return
+        try:
+            parts["label"] = _canonical(json.loads(tar.extractfile(member).read()).get("label"))
+        except (ValueError, AttributeError) as e:
+            parts["error"] = f"bad_label: label member is not a JSON object ({e})"
+    elif ext.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS and "video" not in parts:
+        if member.size > max_video_bytes:
+            parts["error"] = f"too_large: {member.size} bytes > {max_video_bytes}"
+            parts["video"] = None
+        else:
+            parts["video"] = tar.extractfile(member).read()
+
+
+def _sample_row(shard_uri: str, key: str, parts: dict) -> dict:
+    video = parts.get("video")
+    error = parts.get("error")
+    if video is None and error is None:
+        error = "no_video: the shard has no video member for this key"
+    return _row(f"{shard_uri}/{key}", video, parts.get("label"), error)
