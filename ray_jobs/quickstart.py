@@ -11,7 +11,6 @@ reuses what is there: the data is kept, training resumes, inference skips commit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
     videos, shards = work / "videos", work / "shards"
     run_dir, labels, report = work / "run", work / "labels", work / "report"
     started = time.monotonic()
-    # Ray Train workers hold a CPU each for the whole run; the decode tasks feeding them need
-    # their own, so a small machine gets a few more logical CPUs than cores.
-    ensure_ray(num_cpus=max(4, os.cpu_count() or 1) if not os.environ.get("RAY_ADDRESS") else None)
+    ensure_ray()
 
     _step(1, f"generating clips under {videos}")
     for split, seed in SPLITS.items():

@@ -11,7 +11,12 @@ import os
 
 
 def ensure_ray(num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS if set, otherwise start a local Ray bound to loopback."""
+    """Connect to RAY_ADDRESS if set, otherwise start a local Ray bound to loopback.
+
+    The local Ray gets at least 4 logical CPUs, however few cores the machine has: every job is a
+    pipeline of stages that each hold a CPU (read tasks, decode actors, model actors or Ray Train
+    workers), and with fewer CPUs than stages the last stage never gets one and the job waits.
+    """
     import ray
 
     if ray.is_initialized():
@@ -22,7 +27,7 @@ def ensure_ray(num_cpus: int | None = None):
     else:
         ray.init(
             address="local",
-            num_cpus=num_cpus,
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             configure_logging=False,

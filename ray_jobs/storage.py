@@ -83,7 +83,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = _temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -173,7 +173,7 @@ def open_write_atomic(uri: str) -> Iterator[BinaryIO]:
         f.commit()
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = _temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -182,3 +182,11 @@ def open_write_atomic(uri: str) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _temporary_name(path: str) -> str:
+    """A hidden name beside `path`: dataset readers (pyarrow, pandas, Ray Data) skip names that
+    start with '.', so a write cut short never looks like part of the dataset."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+

@@ -1,0 +1,171 @@
+"""Evaluate a model on labelled clips: metrics JSON, a confusion-matrix picture and a per-class table.
+
+    groupemotion eval DATA... --model REF --report DIR [--labels CSV]
+                      [--batch-size N] [--actors N] [--gpus-per-actor F] [--decode-cpus N]
+
+DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
+them from --labels, a VGAF-style CSV, or from class-named folders). The clips go through the very
+prediction pipeline of `infer` (`ray_jobs.infer.predict`), so a score describes the job that
+labels production data, decoder included. Only the true and predicted class of each clip comes
+back to the driver.
+
+DIR (a local folder) receives:
+
+    metrics.json          `groupemotion_core.training.classification_metrics` over the clips with a
+                          known label that were decoded, plus precision/F1 per class, the model id,
+                          the data, and how many clips were unlabelled or failed (errors by reason)
+    confusion_matrix.png  as the paper's Fig. 2: counts and row-normalised percentages, true class
+                          on the rows, predicted class on the columns
+    per_class.csv         class, support, recall, precision, f1
+
+Failed clips are not scored (they are counted in metrics.json), since a clip that cannot be decoded
+has no prediction to be right or wrong about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import os
+import time
+
+import numpy as np
+
+from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, LabelRow, label_index
+from ray_jobs import infer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    infer.add_prediction_arguments(parser)
+    parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
+    parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics = evaluate(args.inputs, args.model, args.report, infer.prediction_options(args), labels_csv=args.labels)
+    print(format_table(metrics), flush=True)
+    print(f"report: {os.path.abspath(args.report)}", flush=True)
+    return 0
+
+
+def evaluate(
+    data: list[str],
+    model_ref: str,
+    report_dir: str,
+    options: infer.PredictOptions = infer.PredictOptions(),
+    *,
+    labels_csv: str | None = None,
+) -> dict:
+    """Predict every clip of `data`, score the labelled ones, write the report; return metrics.json."""
+    from groupemotion_core.training import classification_metrics
+    from ray_jobs.model_ref import describe_model_ref, warn_random_weights
+    from ray_jobs.runtime import ensure_ray
+    from ray_jobs.sources import read_sources
+
+    started = time.monotonic()
+    cfg, info = describe_model_ref(model_ref)
+    if model_ref.startswith("preset:"):
+        warn_random_weights(model_ref)
+    ensure_ray()
+    sources = read_sources(data, labels_csv)
+    predictions = infer.predict(sources, model_ref, cfg.decode_spec(), options.resolved())
+
+    y_true, y_pred, errors = [], [], collections.Counter()
+    clips = 0
+    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+        for truth, label, error in zip(batch[infer.TRUTH], batch[LabelRow.LABEL], batch[LabelRow.ERROR]):
+            clips += 1
+            if isinstance(error, str):
+                errors[infer.error_reason(error)] += 1
+            elif truth != UNKNOWN_LABEL:
+                y_true.append(int(truth))
+                y_pred.append(label_index(label))
+    if not y_true:
+        raise GroupEmotionError(
+            "no_labels", f"none of the {clips} clips has a known label and decoded; pass --labels CSV for plain videos"
+        )
+    metrics = classification_metrics(y_true, y_pred, labels=CLASSES)
+    confusion = np.array(metrics["confusion"])
+    metrics.update(
+        per_class=per_class(confusion),
+        model_id=info["model_id"],
+        model_ref=model_ref,
+        data=list(data),
+        labels_csv=labels_csv,
+        clips=clips,
+        unlabelled=clips - len(y_true) - sum(errors.values()),
+        errors=dict(errors),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    os.makedirs(report_dir, exist_ok=True)
+    with open(os.path.join(report_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    write_per_class_csv(metrics["per_class"], os.path.join(report_dir, "per_class.csv"))
+    plot_confusion(confusion, metrics, os.path.join(report_dir, "confusion_matrix.png"))
+    return metrics
+
+
+def per_class(confusion: np.ndarray) -> list[dict]:
+    """Support, recall, precision and F1 of each class from a confusion matrix (rows = true)."""
+    hits = np.diag(confusion).astype(float)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    recall = np.divide(hits, support, out=np.zeros(len(hits)), where=support > 0)
+    precision = np.divide(hits, predicted, out=np.zeros(len(hits)), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(hits)), where=precision + recall > 0)
+    return [
+        {"class": c, "support": int(s), "recall": float(r), "precision": float(p), "f1": float(f)}
+        for c, s, r, p, f in zip(CLASSES, support, recall, precision, f1)
+    ]
+
+
+def write_per_class_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["class", "support", "recall", "precision", "f1"])
+        writer.writeheader()
+        writer.writerows({**r, **{k: f"{r[k]:.4f}" for k in ("recall", "precision", "f1")}} for r in rows)
+
+
+def plot_confusion(confusion: np.ndarray, metrics: dict, path: str) -> None:
+    """The paper's Fig. 2: each cell shows its count and its share of the true class's clips."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    support = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8), dpi=120, layout="constrained")
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{confusion[i, j]}\n{100 * shares[i, j]:.1f}%", ha="center", va="center", color=colour)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"accuracy {100 * metrics['accuracy']:.1f}%, macro-F1 {metrics['macro_f1']:.3f}, n={metrics['count']}")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_table(metrics: dict) -> str:
+    lines = [f"{'class':<10} {'support':>8} {'recall':>8} {'precision':>10} {'f1':>8}"]
+    for r in metrics["per_class"]:
+        lines.append(f"{r['class']:<10} {r['support']:>8} {r['recall']:>8.3f} {r['precision']:>10.3f} {r['f1']:>8.3f}")
+    lines.append(
+        f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  scored {metrics['count']} of "
+        f"{metrics['clips']} clips ({metrics['unlabelled']} unlabelled, {sum(metrics['errors'].values())} failed)"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from ray_jobs.cli import entrypoint
+
+    entrypoint("eval")
