@@ -1,0 +1,184 @@
+"""`groupemotion train` end to end: two CPU workers of real Ray Train (DDP over gloo) fine-tune the
+tiny model on generated clips whose class shows in colour and pitch, with checkpoints on a real
+S3 server; a rerun resumes, and a worker that dies mid-epoch does not stop the run.
+
+One packed dataset serves every test (generating and packing clips is the slow part of setup),
+and one trained run on S3 serves the tests that only read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import s3fs
+import torch
+
+from groupemotion_core.checkpoint import load_checkpoint
+from groupemotion_core.config import preset
+from groupemotion_core.schema import CLASSES
+from groupemotion_core.synthetic import make_dataset
+from ray_jobs import cli
+from ray_jobs.pack import pack
+from ray_jobs.train_loop import _load_optimizer_state, _save_optimizer_state
+
+CLIP = dict(width=64, height=48, fps=8.0, seconds=1.0)
+TRAIN_PER_CLASS, VAL_PER_CLASS, BROKEN_TRAIN_CLIPS = 12, 4, 2
+EPOCHS = 5  # the tiny model leaves chance after about four epochs at this lr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """Packed train/val shards (plus two undecodable training clips) and a 1-second tiny config."""
+    root = tmp_path_factory.mktemp("train-data")
+    make_dataset(root / "videos" / "train", TRAIN_PER_CLASS, seed=0, **CLIP)
+    make_dataset(root / "videos" / "val", VAL_PER_CLASS, seed=1, **CLIP)
+    for i in range(BROKEN_TRAIN_CLIPS):
+        good = (root / "videos" / "train" / "Neutral" / "neutral_0000.mp4").read_bytes()
+        (root / "videos" / "train" / "Neutral" / f"broken_{i}.mp4").write_bytes(good[: 600 + i])
+    for split in ("train", "val"):
+        pack(str(root / "videos" / split), str(root / "shards" / split), shard_size=8)
+    # The clips are 1 s long: a 1 s model window keeps HuBERT's input (and the run) short.
+    config = preset("tiny").to_dict() | {"clip_seconds": 1.0, "num_frames": 4}
+    (root / "tiny-1s.json").write_text(json.dumps(config))
+    return {"train": str(root / "shards" / "train"), "val": str(root / "shards" / "val"),
+            "config": str(root / "tiny-1s.json")}
+
+
+def train(data: dict[str, str], output: str, *extra: str) -> int:
+    return cli.main(["train", "--train", data["train"], "--val", data["val"], "--output", output,
+                     "--config", data["config"], "--workers", "2", "--batch-size", "4",
+                     "--lr", "3e-3", "--seed", "0", *extra])
+
+
+def metrics_lines(fs, path: str) -> list[dict]:
+    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_session, s3_server, data, tmp_path_factory) -> dict:
+    """One finished 3-epoch run whose --output is on S3, and what it printed."""
+    import boto3
+
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    output = f"s3://{bucket}/runs/tiny"
+    capture = tmp_path_factory.mktemp("capture") / "stdout"
+    with capture.open("w") as out, contextlib.redirect_stdout(out):
+        status = train(data, output, "--epochs", str(EPOCHS))
+    return {"status": status, "output": output, "bucket": bucket,
+            "stdout": capture.read_text(), "fs": s3fs.S3FileSystem(endpoint_url=s3_server)}
+
+
+def test_training_learns_the_classes(s3_run):
+    assert s3_run["status"] == 0
+    history = metrics_lines(s3_run["fs"], f"{s3_run['output']}/metrics.jsonl")
+    assert [m["epoch"] for m in history] == list(range(1, EPOCHS + 1))
+    last = history[-1]
+    # Every val clip scored once, gathered from both workers; the broken training clips skipped.
+    assert last["val_count"] == VAL_PER_CLASS * len(CLASSES)
+    assert sum(map(sum, last["val_confusion"])) == last["val_count"]
+    assert last["train_clips"] == TRAIN_PER_CLASS * len(CLASSES)
+    assert last["train_skipped_errors"] == BROKEN_TRAIN_CLIPS
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(m["val_accuracy"] for m in history) > 0.6  # chance is 1/3
+    assert set(last["val_per_class_recall"]) == set(CLASSES)
+    assert "[train] best epoch " in s3_run["stdout"] and f"{s3_run['output']}/best" in s3_run["stdout"]
+
+
+def test_checkpoints_and_config_land_on_s3(s3_run):
+    fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
+    names = {p[len(root) + 1:] for p in fs.find(root)}
+    # The best two epochs by val accuracy plus the latest are kept (--keep-checkpoints 2).
+    epochs = sorted({n.split("/")[1] for n in names if n.startswith("checkpoints/epoch_")})
+    assert f"epoch_{EPOCHS:04d}" in epochs and 2 <= len(epochs) <= 3
+    for name in ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
+                 "train_state.json"):
+        assert f"checkpoints/epoch_{EPOCHS:04d}/{name}" in names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".bin"))]
+    state = json.loads(fs.cat_file(f"{root}/checkpoints/epoch_{EPOCHS:04d}/train_state.json"))
+    assert state["epoch"] == EPOCHS and len(state["history"]) == EPOCHS
+    run_config = json.loads(fs.cat_file(f"{root}/run_config.json"))
+    assert run_config["model"]["clip_seconds"] == 1.0
+    assert run_config["training"]["effective_batch_size"] == 8
+
+
+def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
+    fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
+    fs.get(f"{root}/best/", str(tmp_path / "best"), recursive=True)
+    model, info = load_checkpoint(tmp_path / "best")
+    history = metrics_lines(fs, f"{root}/metrics.jsonl")
+    assert info["val_accuracy"] == max(m["val_accuracy"] for m in history)
+    assert info["epoch"] in [m["epoch"] for m in history if m["val_accuracy"] == info["val_accuracy"]]
+    cfg = model.config
+    frames = torch.randint(0, 256, (2, cfg.num_frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    audio = torch.zeros(2, cfg.decode_spec().audio_samples)
+    with torch.no_grad():
+        logits = model(frames, audio, torch.tensor([0, audio.shape[1]]))
+    assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
+
+
+def test_rerun_resumes_at_the_next_epoch(s3_run, data, capsys):
+    """The torchtune-style check: a run continued for one more epoch starts where the first ended
+    and keeps the first run's history."""
+    fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
+    copy = f"{s3_run['bucket']}/runs/resumed"
+    fs.copy(f"{root}/", copy, recursive=True)  # a copy, so the other tests see the original run
+    before = metrics_lines(fs, f"{root}/metrics.jsonl")
+    capsys.readouterr()
+    assert train(data, f"s3://{copy}", "--epochs", str(EPOCHS + 1)) == 0
+    printed = capsys.readouterr().out
+    assert re.search(rf"resuming from s3://{copy}/checkpoints: {EPOCHS} of {EPOCHS + 1} epochs done, "
+                     rf"continuing at epoch {EPOCHS + 1}", printed), printed
+    after = metrics_lines(fs, f"{copy}/metrics.jsonl")
+    assert [m["epoch"] for m in after] == list(range(1, EPOCHS + 2))
+    assert after[:EPOCHS] == before  # the resumed run built on the saved epochs, not a new start
+    assert fs.exists(f"{copy}/checkpoints/epoch_{EPOCHS + 1:04d}/train_state.json")
+
+
+def test_a_worker_that_dies_mid_epoch_does_not_stop_the_run(ray_session, data, tmp_path: Path):
+    output = tmp_path / "run"
+    # With --grad-accum 2, the 5 batches per worker and epoch end on a shorter accumulation window.
+    status = train(data, str(output), "--epochs", "2", "--grad-accum", "2",
+                   "--fail-once-at-epoch", "2", "--max-failures", "1")
+    assert status == 0
+    marker = json.loads((output / "fault_injected.json").read_text())
+    assert marker == {"epoch": 2, "rank": 1}  # the fault did fire, in epoch 2, on the last rank
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2]  # epoch 2 was redone after the restart
+    assert (output / "checkpoints" / "epoch_0002" / "train_state.json").exists()
+    load_checkpoint(output / "best")
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam([{"params": [model.weight], "lr": 0.1, "name": "a"},
+                                  {"params": [model.bias], "lr": 0.2, "name": "b"}])
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    _save_optimizer_state(optimizer, str(tmp_path))
+    restored = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias]}])
+    restored.load_state_dict(_load_optimizer_state(str(tmp_path)))
+    want, got = optimizer.state_dict(), restored.state_dict()
+    assert [g["lr"] for g in got["param_groups"]] == [0.1, 0.2]
+    assert want["state"].keys() == got["state"].keys()
+    for index, state in want["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, got["state"][index][name]), (index, name)
+
+
+def test_user_mistakes_are_errors_not_tracebacks(data, tmp_path: Path, capsys):
+    assert cli.main(["train", "--train", data["train"], "--val", data["val"],
+                     "--output", str(tmp_path), "--epochs", "0", "--preset", "tiny"]) == 2
+    assert "error: bad_argument: --epochs" in capsys.readouterr().err
+
+
+def test_a_rerun_with_another_model_is_refused(ray_session, data, tmp_path: Path, capsys):
+    other = preset("tiny").to_dict() | {"num_frames": 2}
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": other}))
+    assert train(data, str(tmp_path), "--epochs", "1") == 2
+    assert "error: config_mismatch" in capsys.readouterr().err
