@@ -1,0 +1,43 @@
+"""The README's main command, end to end on small sizes: every step's output is there and agrees
+with the others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from groupemotion_core.checkpoint import load_checkpoint
+from groupemotion_core.schema import CLASSES, LabelRow
+from ray_jobs import cli
+
+
+def test_quickstart_runs_end_to_end(ray_session, tmp_path, capsys):
+    work = tmp_path / "qs"
+    argv = ["quickstart", "--workdir", str(work), "--clips-per-class", "4", "--epochs", "2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("labels", "run/best", "report"):
+        assert str(work / name) in printed
+
+    heldout = sorted((work / "videos" / "heldout").rglob("*.mp4"))
+    assert len(heldout) == 2 * len(CLASSES)
+    table = pq.read_table(work / "labels")
+    assert set(LabelRow.SCHEMA.names) <= set(table.column_names)
+    rows = table.to_pylist()
+    assert sorted(Path(r["key"]).name for r in rows) == sorted(p.name for p in heldout)
+    assert all(r["error"] is None and r["label"] in CLASSES for r in rows)
+
+    model, info = load_checkpoint(work / "run" / "best")
+    assert {r["model"] for r in rows} == {info["model_id"]}
+
+    metrics = json.loads((work / "report" / "metrics.json").read_text())
+    assert sum(map(sum, metrics["confusion"])) == len(heldout)
+    with Image.open(work / "report" / "confusion_matrix.png") as png:
+        assert min(png.size) >= 200
+
+    # A second run reuses everything: data, shards, the finished training run, committed labels.
+    assert cli.main(argv) == 0
+    assert pq.read_table(work / "labels").num_rows == len(heldout)
