@@ -43,11 +43,24 @@ def parse_label(value: str) -> str:
 
 
 class SourceRow:
-    """Column names of a SourceRow: one encoded video as read from storage."""
+    """Column names and Arrow schema of a SourceRow: one encoded video as read from storage."""
 
     KEY = "key"  # unique and stable: shard URI + "/" + member key, or the object URI
     VIDEO = "video"  # the encoded bytes
     LABEL = "label"  # class name, or None when unknown
+    # Beyond DESIGN.md's three columns: why the reader could not produce the video (an object over
+    # the size limit, a truncated shard), so that the decode stage turns it into an error row
+    # instead of the read task failing.
+    ERROR = "error"
+
+    SCHEMA = pa.schema(
+        [
+            pa.field(KEY, pa.string(), nullable=False),
+            pa.field(VIDEO, pa.large_binary()),
+            pa.field(LABEL, pa.string()),
+            pa.field(ERROR, pa.string()),
+        ]
+    )
 
 
 class ClipRow:

@@ -44,7 +44,6 @@ from ray.data.extensions import ArrowTensorArray
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media import DecodedClip, DecodeSpec
 from groupemotion_core.schema import UNKNOWN_LABEL, ClipRow, SourceRow, label_index
-from ray_jobs.sources import ERROR as SOURCE_ERROR
 
 FAULT_INJECT_ENV = "GROUPEMOTION_FAULT_INJECT"
 _FAULT_MODES = ("crash", "hang")
@@ -112,7 +111,7 @@ class _DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         keys = batch[SourceRow.KEY]
-        reader_errors = batch.get(SOURCE_ERROR, [None] * len(keys))
+        reader_errors = batch.get(SourceRow.ERROR, [None] * len(keys))
         rows = [
             self._one(str(key), video, label, error)
             for key, video, label, error in zip(keys, batch[SourceRow.VIDEO], batch[SourceRow.LABEL], reader_errors)

@@ -55,16 +55,6 @@ VIDEO_EXTENSIONS = ("mp4", "mkv", "webm", "mov", "avi")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "groupemotion-shards/1"
 
-ERROR = "error"  # the reader's extra column, see the module docstring
-SCHEMA = pa.schema(
-    [
-        pa.field(SourceRow.KEY, pa.string(), nullable=False),
-        pa.field(SourceRow.VIDEO, pa.large_binary()),
-        pa.field(SourceRow.LABEL, pa.string()),
-        pa.field(ERROR, pa.string()),
-    ]
-)
-
 # Limits on the small text inputs that are read whole.
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_LABELS_CSV_BYTES = 256 << 20
@@ -266,13 +256,13 @@ def _metadata(num_rows: int | None, size: int, files: list[str]) -> BlockMetadat
 
 def _shard_task(uri: str, size: int, max_video_bytes: int) -> ReadTask:
     return ReadTask(
-        lambda: _blocks(_shard_rows(uri, max_video_bytes)), _metadata(None, size, [uri]), SCHEMA
+        lambda: _blocks(_shard_rows(uri, max_video_bytes)), _metadata(None, size, [uri]), SourceRow.SCHEMA
     )
 
 
 def _video_task(group: list[_Video], max_video_bytes: int) -> ReadTask:
     meta = _metadata(len(group), sum(v.size for v in group), [v.uri for v in group])
-    return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes)), meta, SCHEMA)
+    return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes)), meta, SourceRow.SCHEMA)
 
 
 def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
@@ -283,14 +273,14 @@ def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
         batch.append(row)
         held += len(row[SourceRow.VIDEO] or b"")
         if held >= _BLOCK_BYTES:
-            yield pa.Table.from_pylist(batch, schema=SCHEMA)
+            yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
             batch, held = [], 0
     if batch:
-        yield pa.Table.from_pylist(batch, schema=SCHEMA)
+        yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
 
 
 def _row(key: str, video: bytes | None, label: str | None, error: str | None = None) -> dict:
-    return {SourceRow.KEY: key, SourceRow.VIDEO: video, SourceRow.LABEL: label, ERROR: error}
+    return {SourceRow.KEY: key, SourceRow.VIDEO: video, SourceRow.LABEL: label, SourceRow.ERROR: error}
 
 
 def _video_rows(group: list[_Video], max_video_bytes: int) -> Iterator[dict]:
