@@ -223,6 +223,12 @@ class _SourceDatasource(Datasource):
         return sum(s for _, s in self._shards) + sum(v.size for v in self._videos)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        """Shard tasks first, in input order, then the object groups.
+
+        A contract, not an accident: on a dataset that preserves order, a shard's rows arrive
+        together and before any plain object's, which is how `ray_jobs.infer` knows that a shard
+        (whose clip count only its reader learns) is complete.
+        """
         limit = self._max_video_bytes
         tasks = [_shard_task(uri, size, limit) for uri, size in self._shards]
         tasks += [_video_task(group, limit) for group in _groups(self._videos, parallelism)]
