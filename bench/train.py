@@ -66,7 +66,7 @@ def main() -> None:
     # The job's own output (and the workers' logs Ray forwards) goes to stderr: stdout is the JSON.
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, contextlib.redirect_stdout(sys.stderr):
         # Room for two train workers plus the decode actors of both datasets.
-        ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
+        ensure_ray(min_cpus=4)
         tmp = Path(tmp)
         data = packed(tmp / "tiny-data", args.clips_per_class, TINY_CLIP)
         common = ["--preset", "tiny", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]

@@ -118,6 +118,9 @@ def _check_labels(ref: str, labels: list[str]) -> None:
 
 
 def _read_config_json(ref: str) -> dict[str, Any]:
+    # The checkpoint format's own bound; imported here because that module pulls in torch.
+    from groupemotion_core.checkpoint import MAX_CONFIG_BYTES
+
     if not ref:
         raise GroupEmotionError("bad_model_ref", "empty --model; give a checkpoint directory, URI or preset:NAME")
     uri = storage.join(ref, CONFIG_FILE)
@@ -126,7 +129,7 @@ def _read_config_json(ref: str) -> dict[str, Any]:
             "bad_checkpoint", f"{ref}: no {CONFIG_FILE} there; expected a checkpoint directory or preset:tiny|paper"
         )
     try:
-        meta = json.loads(storage.read_bytes(uri, max_bytes=16 << 20))
+        meta = json.loads(storage.read_bytes(uri, max_bytes=MAX_CONFIG_BYTES))
     except ValueError as e:
         raise GroupEmotionError("bad_checkpoint", f"{uri} is not JSON: {e}") from None
     if not isinstance(meta, dict):

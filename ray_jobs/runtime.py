@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 
 
-def ensure_ray(num_cpus: int | None = None):
+def ensure_ray(num_cpus: int | None = None, *, min_cpus: int = 0):
     """Connect to RAY_ADDRESS if set, otherwise start a local Ray bound to loopback.
 
-    The local Ray gets at least 4 logical CPUs, however few cores the machine has: every job is a
+    Unless `num_cpus` says exactly, the local Ray gets the machine's cores but never fewer than 4
+    logical CPUs, nor fewer than `min_cpus` (what a job's stages hold at once): every job is a
     pipeline of stages that each hold a CPU (read tasks, decode actors, model actors or Ray Train
     workers), and with fewer CPUs than stages the last stage never gets one and the job waits.
     """
@@ -27,7 +28,7 @@ def ensure_ray(num_cpus: int | None = None):
     else:
         ray.init(
             address="local",
-            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            num_cpus=num_cpus or max(4, min_cpus, os.cpu_count() or 1),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             configure_logging=False,

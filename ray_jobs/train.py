@@ -98,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from ray_jobs.runtime import ensure_ray
 
     # Embedded Ray: room for the train workers plus a decode actor for each dataset at least, or
-    # nothing would feed them (ensure_ray's own floor of 4 CPUs covers up to 2 workers).
-    needed = args.workers + 2 * math.ceil(args.decode_cpus)
-    ray = ensure_ray(num_cpus=max(needed, 4, os.cpu_count() or 1))
+    # nothing would feed them.
+    ray = ensure_ray(min_cpus=args.workers + 2 * math.ceil(args.decode_cpus))
     _check_resources(ray, args)
 
     run_config = _resolved_config(args, cfg)
