@@ -19,16 +19,18 @@ reason is one of REASONS.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 import av
 import numpy as np
 
 from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.spec import DecodeSpec, WindowPlan, plan_windows
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 
@@ -38,6 +40,9 @@ REASONS = ("empty", "not_media", "no_video", "undecodable", "too_large", "too_lo
 # demuxers (a PNG named .mp4 would otherwise be a one-frame "video"), and playlist demuxers
 # (hls, concat) that open further files or URLs named inside untrusted input.
 CONTAINERS = "mov,matroska,webm,avi,flv,mpegts,mpeg,ogg,asf"
+
+# File extensions of those containers: what a plain video object may be called.
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "3gp", "mkv", "webm", "avi", "flv", "ts", "mpg", "mpeg", "ogv", "wmv", "asf")
 
 # The first bytes of those containers. When FFmpeg cannot open an input, these tell a damaged or
 # truncated video (undecodable) from something that was never a video (not_media).
@@ -56,34 +61,13 @@ _SIGNATURES = (
 _INTERLEAVE_SLACK_S = 2.0
 
 
-@dataclass(frozen=True)
-class DecodeSpec:
-    """Every size, count and limit of decoding, in one place."""
-
-    num_frames: int = 8
-    frame_size: int = 224  # output frames are frame_size x frame_size (letterboxed)
-    clip_seconds: float = 5.0
-    sample_rate: int = 16000
-    max_input_bytes: int = 1 << 30
-    max_pixels: int = 4096 * 2304
-    max_duration_s: float = 4 * 3600.0
-    threads: int = 0  # decoder threads; 0 lets FFmpeg choose
-
-    def __post_init__(self):
-        if min(self.num_frames, self.frame_size, self.sample_rate) < 1 or self.clip_seconds <= 0:
-            raise ValueError(f"invalid DecodeSpec: {self}")
-
-    @property
-    def audio_samples(self) -> int:
-        return int(round(self.clip_seconds * self.sample_rate))
-
-
 @dataclass
 class DecodedClip:
     frames: np.ndarray  # uint8 [T, frame_size, frame_size, 3]
     audio: np.ndarray  # float32 [spec.audio_samples], zero padded
     audio_len: int  # valid samples in audio; 0 = no audio track
     frame_times: list[float]  # seconds from the start of the video
+    seconds: float = 0.0  # video time the window covers: clip_seconds, or less at the video's end
 
 
 class DecodeError(GroupEmotionError):
@@ -111,6 +95,79 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     """
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
+    with _open_container(source, spec) as container:
+        try:
+            return _decode(container, spec, float(start))
+        except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:  # PyAV's own checks too
+            raise DecodeError("undecodable", _short(e)) from None
+
+
+@dataclass
+class Window:
+    """One planned window of a video: the clip decoded from it, or why it could not be."""
+
+    index: int  # 0-based, in time order
+    count: int  # windows planned for the video
+    start_s: float
+    end_s: float  # the window's own end: start_s + clip_seconds, or the video's end
+    clip: DecodedClip | None
+    error: DecodeError | None = None
+
+
+def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: WindowPlan = WindowPlan()) -> Iterator[Window]:
+    """The windows of `plan` over the whole video, in time order (see `spec.plan_windows`).
+
+    Raises DecodeError, before yielding anything, when the video as a whole cannot be decoded
+    (the reasons of decode_clip); a window in which no picture can be decoded is yielded with its
+    `error` set instead. Each window's clip is the one `decode_clip(source, spec, start_s)` gives.
+
+    Reference implementation: one demux-only pass finds where the video ends, then each window
+    is decoded on its own.
+    """
+    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)) and not source.seekable():
+        source = source.read(spec.max_input_bytes + 1)
+    if plan.mode == "first":
+        clip = decode_clip(source, spec, 0.0)
+        yield Window(0, 1, 0.0, clip.seconds, clip)
+        return
+    with _open_container(source, spec) as container:
+        try:
+            video_end = _video_end(container, spec)
+        except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
+            raise DecodeError("undecodable", _short(e)) from None
+    windows = plan_windows(video_end, spec.clip_seconds, plan)
+    for index, (start, end) in enumerate(windows):
+        try:
+            clip = decode_clip(source, spec, start)
+        except DecodeError as e:
+            yield Window(index, len(windows), start, end, None, e)
+            continue
+        yield Window(index, len(windows), start, start + clip.seconds, clip)
+
+
+def _video_end(container, spec: DecodeSpec) -> float:
+    """Seconds from the first frame to the end of the last one, from packet timestamps alone."""
+    video = _video_stream(container, spec)
+    origin = _seconds(video.start_time, video) or 0.0
+    _demux_only(container, [video])
+    end = None
+    for packet in container.demux(video):
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is None:
+            continue
+        t = _seconds(ts, video) - origin
+        if t > spec.max_duration_s:
+            raise DecodeError("too_long", f"streams run past max_duration_s {spec.max_duration_s:g}")
+        shown_until = t + (_seconds(packet.duration, video) or 0.0)
+        end = shown_until if end is None else max(end, shown_until)
+    if end is None:
+        raise DecodeError("undecodable", "the video stream has no timed packet")
+    return end
+
+
+@contextlib.contextmanager
+def _open_container(source: Source, spec: DecodeSpec):
+    """The opened container of `source`, or DecodeError: not_media, undecodable, empty, too_large."""
     input_file, head = _open_input(source, spec)
     try:
         container = av.open(
@@ -122,10 +179,7 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
             raise DecodeError("not_media", "not a video container that may be opened") from None
         raise DecodeError("undecodable", f"truncated or damaged {kind}: {_short(e)}") from None
     with container:
-        try:
-            return _decode(container, spec, float(start))
-        except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:  # PyAV's own checks too
-            raise DecodeError("undecodable", _short(e)) from None
+        yield container
 
 
 def _open_input(source: Source, spec: DecodeSpec):
@@ -154,7 +208,8 @@ def _open_input(source: Source, spec: DecodeSpec):
     return input_file, head
 
 
-def _decode(container, spec: DecodeSpec, start: float) -> DecodedClip:
+def _video_stream(container, spec: DecodeSpec):
+    """The video stream of the container (not cover art), its size and declared length checked."""
     cover_art = av.stream.Disposition.attached_pic  # a video stream too, but not a video
     video = next((s for s in container.streams.video if not s.disposition & cover_art), None)
     if video is None:
@@ -162,12 +217,17 @@ def _decode(container, spec: DecodeSpec, start: float) -> DecodedClip:
         raise DecodeError("no_video", f"{kind} file without a video stream")
     if video.codec_context is None:
         raise DecodeError("undecodable", "no decoder for the video codec")
-    audio = next((s for s in container.streams.audio if s.codec_context is not None), None)
     _check_pixels(video.codec_context.width, video.codec_context.height, spec)
     declared = container.duration / av.time_base if container.duration else None
     declared = declared or _seconds(video.duration, video)
     if declared and declared > spec.max_duration_s:
         raise DecodeError("too_long", f"{declared:.1f} s > max_duration_s {spec.max_duration_s:g}")
+    return video
+
+
+def _decode(container, spec: DecodeSpec, start: float) -> DecodedClip:
+    video = _video_stream(container, spec)
+    audio = next((s for s in container.streams.audio if s.codec_context is not None), None)
     video.thread_type = "AUTO"
     video.codec_context.thread_count = spec.threads
     origin = _seconds(video.start_time, video) or 0.0
@@ -183,7 +243,7 @@ def _decode(container, spec: DecodeSpec, start: float) -> DecodedClip:
     clip_audio = np.zeros(spec.audio_samples, np.float32)
     audio_len = min(len(audio_samples), int(round(length * spec.sample_rate)), spec.audio_samples)
     clip_audio[:audio_len] = audio_samples[:audio_len]
-    return DecodedClip(frames, clip_audio, audio_len, frame_times)
+    return DecodedClip(frames, clip_audio, audio_len, frame_times, float(length))
 
 
 def _scan(container, video, audio, start: float, end: float, origin: float, spec: DecodeSpec):

@@ -1,7 +1,8 @@
 """The schemas between pipeline stages, written once and imported everywhere.
 
-DESIGN.md names three row types: SourceRow (what a reader yields), ClipRow (what the decode
-stage yields, consumed by training and inference) and LabelRow (the Parquet output). Every job
+DESIGN.md names the row types: SourceRow (what a reader yields), ClipRow (what the decode stage
+yields, one per window, consumed by training and inference), and the two Parquet outputs of
+inference, WindowRow (`windows/`) and VideoRow (`videos/`). Every job
 imports the column names and the Arrow schema from here, so a rename cannot drift between stages.
 """
 
@@ -64,14 +65,25 @@ class SourceRow:
 
 
 class ClipRow:
-    """Column names of a ClipRow: one decoded clip, ready for the model."""
+    """Column names of a ClipRow: one decoded window of a video, ready for the model.
 
-    KEY = "key"
+    A video gives one ClipRow per planned window. A video that cannot be decoded at all gives
+    one ClipRow with `window` = WHOLE_VIDEO, `windows` = 0 and `error` set; a window that
+    cannot be decoded keeps its index and has `error` set.
+    """
+
+    KEY = "key"  # the video (SourceRow.KEY)
+    WINDOW = "window"  # int, 0-based window index; WHOLE_VIDEO for a video that failed as a whole
+    WINDOWS = "windows"  # int, windows planned for this video (0 when it failed as a whole)
+    START_S = "start_s"  # float, seconds from the video's first frame
+    END_S = "end_s"  # float, the window's end (start + clip_seconds, or the video's end)
     FRAMES = "frames"  # uint8 [T, H, W, 3]
     AUDIO = "audio"  # float32 [S], mono 16 kHz, zero padded
     AUDIO_LEN = "audio_len"  # int, valid samples in AUDIO; 0 = no audio track
     LABEL = "label"  # int logit index, UNKNOWN_LABEL when unknown
     ERROR = "error"  # None, or "<reason>: <detail>" when the clip could not be decoded
+
+    WHOLE_VIDEO = -1
 
 
 class LabelRow:
@@ -88,6 +100,63 @@ class LabelRow:
             pa.field(KEY, pa.string(), nullable=False),
             pa.field(LABEL, pa.string()),
             *[pa.field(name, pa.float32()) for name in PROB_COLUMNS],
+            pa.field(MODEL, pa.string(), nullable=False),
+            pa.field(ERROR, pa.string()),
+        ]
+    )
+
+
+PROB_COLUMNS = tuple(f"prob_{c.lower()}" for c in CLASSES)
+
+
+class WindowRow:
+    """Column names and Arrow schema of OUTPUT/windows/: one row per labelled (or failed) window."""
+
+    KEY = "key"  # the video
+    WINDOW = "window"
+    START_S = "start_s"
+    END_S = "end_s"
+    LABEL = "label"  # class name; null when error is set
+    PROB_COLUMNS = PROB_COLUMNS  # softmax probabilities in CLASSES order; null on error
+    MODEL = "model"  # the checkpoint's model id
+    ERROR = "error"
+
+    SCHEMA = pa.schema(
+        [
+            pa.field(KEY, pa.string(), nullable=False),
+            pa.field(WINDOW, pa.int32(), nullable=False),
+            pa.field(START_S, pa.float64(), nullable=False),
+            pa.field(END_S, pa.float64(), nullable=False),
+            pa.field(LABEL, pa.string()),
+            *[pa.field(name, pa.float32()) for name in PROB_COLUMNS],
+            pa.field(MODEL, pa.string(), nullable=False),
+            pa.field(ERROR, pa.string()),
+        ]
+    )
+
+
+class VideoRow:
+    """Column names and Arrow schema of OUTPUT/videos/: one row per input video, failed ones too.
+
+    The probabilities are the mean over the video's labelled windows, weighted by window length;
+    `label` is their argmax. `error` is set when no window could be labelled.
+    """
+
+    KEY = "key"
+    LABEL = "label"
+    PROB_COLUMNS = PROB_COLUMNS
+    WINDOWS = "windows"  # int, labelled windows
+    SECONDS = "seconds"  # float, video time the labelled windows cover
+    MODEL = "model"
+    ERROR = "error"
+
+    SCHEMA = pa.schema(
+        [
+            pa.field(KEY, pa.string(), nullable=False),
+            pa.field(LABEL, pa.string()),
+            *[pa.field(name, pa.float32()) for name in PROB_COLUMNS],
+            pa.field(WINDOWS, pa.int32(), nullable=False),
+            pa.field(SECONDS, pa.float64(), nullable=False),
             pa.field(MODEL, pa.string(), nullable=False),
             pa.field(ERROR, pa.string()),
         ]
