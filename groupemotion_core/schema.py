@@ -53,6 +53,11 @@ class SourceRow:
     # the size limit, a truncated shard), so that the decode stage turns it into an error row
     # instead of the read task failing.
     ERROR = "error"
+    # Null on every video row. A shard's read task may end with one marker row (key = the shard
+    # URI, no video) whose SHARD_END counts the rows the shard gave: only the reader learns how
+    # many videos a shard without a manifest holds, and the inference job must know when a
+    # shard is complete without waiting on the order of the stream.
+    SHARD_END = "shard_end"
 
     SCHEMA = pa.schema(
         [
@@ -60,6 +65,7 @@ class SourceRow:
             pa.field(VIDEO, pa.large_binary()),
             pa.field(LABEL, pa.string()),
             pa.field(ERROR, pa.string()),
+            pa.field(SHARD_END, pa.int64()),
         ]
     )
 
@@ -69,14 +75,15 @@ class ClipRow:
 
     A video gives one ClipRow per planned window. A video that cannot be decoded at all gives
     one ClipRow with `window` = WHOLE_VIDEO, `windows` = 0 and `error` set; a window that
-    cannot be decoded keeps its index and has `error` set.
+    cannot be decoded keeps its index and has `error` set. A SourceRow shard-end marker passes
+    through as a ClipRow with `window` = SHARD_END and the shard's video count in `windows`.
     """
 
     KEY = "key"  # the video (SourceRow.KEY)
     WINDOW = "window"  # int, 0-based window index; WHOLE_VIDEO for a video that failed as a whole
     WINDOWS = "windows"  # int, windows planned for this video (0 when it failed as a whole)
-    START_S = "start_s"  # float, seconds from the video's first frame
-    END_S = "end_s"  # float, the window's end (start + clip_seconds, or the video's end)
+    START_S = "start_s"  # float, seconds from the video's first frame; NaN when the decoder
+    END_S = "end_s"  # died before reaching the window. end: start + clip_seconds, or the video's end
     FRAMES = "frames"  # uint8 [T, H, W, 3]
     AUDIO = "audio"  # float32 [S], mono 16 kHz, zero padded
     AUDIO_LEN = "audio_len"  # int, valid samples in AUDIO; 0 = no audio track
@@ -84,6 +91,7 @@ class ClipRow:
     ERROR = "error"  # None, or "<reason>: <detail>" when the clip could not be decoded
 
     WHOLE_VIDEO = -1
+    SHARD_END = -2
 
 
 class LabelRow:

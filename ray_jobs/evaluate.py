@@ -1,25 +1,30 @@
 """Evaluate a model on labelled clips: metrics JSON, a confusion-matrix picture and a per-class table.
 
-    groupemotion eval DATA... --model REF --report DIR [--labels CSV]
-                      [--batch-size N] [--actors N] [--gpus-per-actor F] [--decode-cpus N]
+    groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--windows all|first]
+                      [--stride S] [--max-windows K] [--batch-size N] [--actors N]
+                      [--gpus-per-actor F] [--decode-cpus N] [--verbose]
 
 DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
-them from --labels, a VGAF-style CSV, or from class-named folders). The clips go through the very
-prediction pipeline of `infer` (`ray_jobs.infer.predict`), so a score describes the job that
-labels production data, decoder included. Only the true and predicted class of each clip comes
-back to the driver.
+them from --labels, a VGAF-style CSV, or from class-named folders). The videos go through the very
+prediction pipeline of `infer` (`ray_jobs.predict`), windows and all, so a score describes the
+job that labels production data, decoder included. Scores are per video: a video's prediction is
+its `videos/` label in `infer`, the mean of its windows' probabilities weighted by window length
+(`predict.video_row`). The window options are infer's (default: every window of the video; a
+VGAF 5 s clip is one window). Only the small prediction rows come back to the driver, which holds
+the rows of the videos in flight.
 
 DIR (a local folder) receives:
 
-    metrics.json          `groupemotion_core.training.classification_metrics` over the clips with a
-                          known label that were decoded, plus precision/F1 per class, the model id,
-                          the data, and how many clips were unlabelled or failed (errors by reason)
+    metrics.json          `groupemotion_core.training.classification_metrics` over the videos with
+                          a known label and at least one labelled window, plus precision/F1 per
+                          class, the model id, the data, the window plan, and how many videos were
+                          unlabelled or failed (errors by reason; failed windows apart)
     confusion_matrix.png  as the paper's Fig. 2: counts and row-normalised percentages, true class
                           on the rows, predicted class on the columns
     per_class.csv         class, support, recall, precision, f1
 
-Failed clips are not scored (they are counted in metrics.json), since a clip that cannot be decoded
-has no prediction to be right or wrong about.
+Failed videos are not scored (they are counted in metrics.json), since a video that cannot be
+decoded has no prediction to be right or wrong about.
 """
 
 from __future__ import annotations
@@ -30,22 +35,25 @@ import csv
 import json
 import os
 import time
+from dataclasses import asdict
 
 import numpy as np
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, LabelRow, label_index
-from ray_jobs import infer
+from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
+from groupemotion_core.spec import WindowPlan
+from ray_jobs import predict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    infer.add_prediction_arguments(parser)
+    predict.add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(args.inputs, args.model, args.report, infer.prediction_options(args), labels_csv=args.labels)
+    metrics = evaluate(args.inputs, args.model, args.report, predict.prediction_options(args),
+                       plan=predict.window_plan(args), labels_csv=args.labels, verbose=args.verbose)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)
     return 0
@@ -55,37 +63,56 @@ def evaluate(
     data: list[str],
     model_ref: str,
     report_dir: str,
-    options: infer.PredictOptions = infer.PredictOptions(),
+    options: predict.PredictOptions = predict.PredictOptions(),
     *,
+    plan: WindowPlan = WindowPlan(),
     labels_csv: str | None = None,
+    verbose: bool = False,
 ) -> dict:
-    """Predict every clip of `data`, score the labelled ones, write the report; return metrics.json."""
+    """Predict every video of `data`, score the labelled ones, write the report; return metrics.json."""
     from groupemotion_core.training import classification_metrics
+    from ray_jobs.console import Progress
+    from ray_jobs.infer import log_stats
     from ray_jobs.model_ref import describe_model_ref, warn_random_weights
     from ray_jobs.runtime import ensure_ray
-    from ray_jobs.sources import read_sources
+    from ray_jobs.sources import list_inputs
 
     started = time.monotonic()
     cfg, info = describe_model_ref(model_ref)
     if model_ref.startswith("preset:"):
         warn_random_weights(model_ref)
-    ensure_ray()
-    sources = read_sources(data, labels_csv)
-    predictions = infer.predict(sources, model_ref, cfg.decode_spec(), options.resolved())
+    uris = list_inputs(data)
+    ensure_ray(verbose=verbose)
+    predictions = predict.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
 
-    y_true, y_pred, errors = [], [], collections.Counter()
-    clips = 0
-    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
-        for truth, label, error in zip(batch[infer.TRUTH], batch[LabelRow.LABEL], batch[LabelRow.ERROR]):
-            clips += 1
-            if isinstance(error, str):
-                errors[infer.error_reason(error)] += 1
-            elif truth != UNKNOWN_LABEL:
-                y_true.append(int(truth))
-                y_pred.append(label_index(label))
+    y_true, y_pred = [], []
+    errors, window_errors = collections.Counter(), collections.Counter()
+    videos = windows = 0
+    collector = predict.VideoCollector()
+    progress = Progress("eval", predict.video_count(uris), "videos")
+    try:
+        for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                rows = collector.add(row)
+                if rows is None:
+                    continue
+                video = predict.video_row(rows)
+                videos += 1
+                windows += video[VideoRow.WINDOWS]
+                window_errors.update(predict.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
+                if video[VideoRow.ERROR] is not None:
+                    errors[predict.error_reason(video[VideoRow.ERROR])] += 1
+                elif video[predict.TRUTH] != UNKNOWN_LABEL:
+                    y_true.append(int(video[predict.TRUTH]))
+                    y_pred.append(label_index(video[VideoRow.LABEL]))
+                progress.advance(1, windows=video[VideoRow.WINDOWS], errors=int(video[VideoRow.ERROR] is not None))
+    finally:
+        progress.close()
+    log_stats(predictions)
     if not y_true:
         raise GroupEmotionError(
-            "no_labels", f"none of the {clips} clips has a known label and decoded; pass --labels CSV for plain videos"
+            "no_labels",
+            f"none of the {videos} videos has a known label and a labelled window; pass --labels CSV for plain videos",
         )
     metrics = classification_metrics(y_true, y_pred, labels=CLASSES)
     confusion = np.array(metrics["confusion"])
@@ -95,9 +122,12 @@ def evaluate(
         model_ref=model_ref,
         data=list(data),
         labels_csv=labels_csv,
-        clips=clips,
-        unlabelled=clips - len(y_true) - sum(errors.values()),
+        window_plan=asdict(plan),
+        videos=videos,
+        windows=windows,
+        unlabelled=videos - len(y_true) - sum(errors.values()),
         errors=dict(errors),
+        window_errors=dict(window_errors),
         seconds=round(time.monotonic() - started, 3),
     )
     os.makedirs(report_dir, exist_ok=True)
@@ -160,7 +190,7 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{r['class']:<10} {r['support']:>8} {r['recall']:>8.3f} {r['precision']:>10.3f} {r['f1']:>8.3f}")
     lines.append(
         f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  scored {metrics['count']} of "
-        f"{metrics['clips']} clips ({metrics['unlabelled']} unlabelled, {sum(metrics['errors'].values())} failed)"
+        f"{metrics['videos']} videos ({metrics['unlabelled']} unlabelled, {sum(metrics['errors'].values())} failed)"
     )
     return "\n".join(lines)
 

@@ -5,8 +5,9 @@ Two layouts, told apart by file extension:
 - tar shards (`*.tar`, written by `groupemotion pack` or any WebDataset-style writer): the members
   `<key>.<ext>` and `<key>.json` (`{"label": ...}`) of one key form one clip. The key of a row is
   `<shard uri>/<member key>`.
-- plain video objects (`*.mp4`, `*.mkv`, `*.webm`, `*.mov`, `*.avi`): the key of a row is the
-  object's URI; its label comes from a labels CSV (see `read_labels_csv`) or, without one, from a
+- plain video objects (every container the decoder opens: `media.VIDEO_EXTENSIONS`, from
+  `.mp4` and `.webm` to `.flv`, `.wmv`, `.ts` and `.3gp`): the key of a row is the object's URI;
+  its label comes from a labels CSV (see `read_labels_csv`) or, without one, from a
   class-named parent folder (`Negative/`, `Neutral/`, `Positive/`).
 
 Each input URI may be a folder or prefix, a glob, one object, or a `manifest.json` written by
@@ -14,7 +15,8 @@ pack. One custom `ray.data.Datasource` plans the reads: one read task per shard,
 group of plain objects. It is a Datasource of its own rather than `read_binary_files` because
 the size limit must be checked before an object is read, each object's label must travel with
 its own read task (not a whole-dataset dict shipped to every worker), and both layouts must give
-the same schema.
+the same schema. A read task hands over its rows a few videos at a time (`_BLOCK_VIDEOS`), so
+that the decode actors share the work of one shard instead of one actor decoding a whole block.
 
 Shards are untrusted input. A shard is streamed with `tarfile` (mode `r|`, no seeking, no
 decompression) and members are only ever read into memory: a member name is never a filesystem
@@ -27,6 +29,11 @@ that is not JSON); the decode stage turns it into an error ClipRow so that every
 yields exactly one row. Label values are canonicalised with `schema.parse_label` where they are
 valid (class names in any case, VGAF numbers) and passed through as written otherwise, so that
 the decode stage can report them as errors rather than the reader failing the job.
+
+With `shard_ends`, each shard's read task ends with a marker row (`SourceRow.SHARD_END`) that
+counts the rows the shard gave: the inference job commits a shard's labels once that many videos
+are done, in whatever order they finish. The count is the reader's, not the manifest's, so a shard
+cut short in storage (which gives its clips so far and one `bad_shard` row) still completes.
 """
 
 from __future__ import annotations
@@ -45,13 +52,12 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec
+from groupemotion_core.media import VIDEO_EXTENSIONS, DecodeSpec
 from groupemotion_core.schema import CLASSES, SourceRow, parse_label
 from ray_jobs import storage
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = ("mp4", "mkv", "webm", "mov", "avi")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "groupemotion-shards/1"
 
@@ -63,7 +69,10 @@ MAX_LABEL_MEMBER_BYTES = 64 << 10
 # Plain objects are grouped into read tasks of at most this many objects and bytes.
 _OBJECTS_PER_TASK = 64
 _BYTES_PER_TASK = 256 << 20
-# A read task hands a block to Ray Data once it holds this many bytes of video.
+# A read task hands a block to Ray Data once it holds this many videos or bytes of video: small
+# blocks spread a shard over the decode actors (a block is decoded by one actor), and a few videos
+# a block keep the number of Ray Data tasks per second low on a large cluster.
+_BLOCK_VIDEOS = 4
 _BLOCK_BYTES = 64 << 20
 
 
@@ -72,22 +81,45 @@ def read_sources(
     labels_csv: str | None = None,
     *,
     max_video_bytes: int = DecodeSpec().max_input_bytes,
+    shard_ends: bool = False,
+    num_cpus: float | None = None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of SourceRows (plus `error`) for every clip under `uris`.
+    """A Ray Dataset of SourceRows (plus `error` and `shard_end`) for every clip under `uris`.
 
-    The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks.
-    `labels_csv` labels plain video objects (one it does not name has no label); shards carry
-    their own labels. Objects and members over `max_video_bytes` are not read (an error row).
+    The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks, each
+    holding `num_cpus` (Ray's default: 1), at most `concurrency` at once (default: as resources
+    allow). `labels_csv` labels plain video objects (one it does not name has no label); shards
+    carry their own labels. Objects and members over `max_video_bytes` are not read (an error
+    row). `shard_ends` ends each shard with its marker row (module docstring).
     """
     inputs = _expand(uris)
     labels = read_labels_csv(labels_csv) if labels_csv else None
-    return ray.data.read_datasource(_SourceDatasource(inputs, labels, max_video_bytes))
+    return ray.data.read_datasource(
+        _SourceDatasource(inputs, labels, max_video_bytes, shard_ends), num_cpus=num_cpus, concurrency=concurrency
+    )
 
 
 def list_inputs(uris: list[str] | str) -> list[str]:
     """The shard and video object URIs that `uris` name, deduplicated, in a deterministic order
     (inputs in the order given, each expanded in sorted order)."""
     return [uri for uri, _ in _expand(uris)]
+
+
+def shard_videos(shards: list[str]) -> dict[str, int]:
+    """{shard URI: its clip count} for the shards a `manifest.json` written by pack lists, read
+    from the manifest beside each shard (one read per folder); a shard without one is absent."""
+    counts: dict[str, int] = {}
+    for root in dict.fromkeys(posixpath.dirname(uri) for uri in shards):
+        manifest = storage.join(root, MANIFEST_NAME)
+        if not storage.exists(manifest):
+            continue
+        try:
+            listed = json.loads(storage.read_bytes(manifest, max_bytes=MAX_MANIFEST_BYTES))["shards"]
+            counts.update({storage.join(root, s["name"]): int(s["clips"]) for s in listed})
+        except (ValueError, KeyError, TypeError) as e:
+            raise GroupEmotionError("bad_manifest", f"{manifest}: {e}") from None
+    return {uri: counts[uri] for uri in shards if uri in counts}
 
 
 def layout(uri: str) -> str | None:
@@ -209,7 +241,10 @@ class _Video:
 class _SourceDatasource(Datasource):
     """Plans one read task per shard and one per group of plain objects (see module docstring)."""
 
-    def __init__(self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int):
+    def __init__(
+        self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int, shard_ends: bool
+    ):
+        self._shard_ends = shard_ends
         self._shards = [(u, s) for u, s in inputs if layout(u) == "tar"]
         self._videos = [
             _Video(u, s, _canonical(_plain_label(u, labels))) for u, s in inputs if layout(u) == "video"
@@ -223,14 +258,9 @@ class _SourceDatasource(Datasource):
         return sum(s for _, s in self._shards) + sum(v.size for v in self._videos)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        """Shard tasks first, in input order, then the object groups.
-
-        A contract, not an accident: on a dataset that preserves order, a shard's rows arrive
-        together and before any plain object's, which is how `ray_jobs.infer` knows that a shard
-        (whose clip count only its reader learns) is complete.
-        """
+        """Shard tasks first, in input order, then the object groups."""
         limit = self._max_video_bytes
-        tasks = [_shard_task(uri, size, limit) for uri, size in self._shards]
+        tasks = [_shard_task(uri, size, limit, self._shard_ends) for uri, size in self._shards]
         tasks += [_video_task(group, limit) for group in _groups(self._videos, parallelism)]
         return tasks
 
@@ -260,10 +290,16 @@ def _metadata(num_rows: int | None, size: int, files: list[str]) -> BlockMetadat
     return BlockMetadata(num_rows=num_rows, size_bytes=size, exec_stats=None, input_files=files)
 
 
-def _shard_task(uri: str, size: int, max_video_bytes: int) -> ReadTask:
-    return ReadTask(
-        lambda: _blocks(_shard_rows(uri, max_video_bytes)), _metadata(None, size, [uri]), SourceRow.SCHEMA
-    )
+def _shard_task(uri: str, size: int, max_video_bytes: int, shard_end: bool) -> ReadTask:
+    def rows():
+        count = 0
+        for row in _shard_rows(uri, max_video_bytes):
+            count += 1
+            yield row
+        if shard_end:
+            yield {**_row(uri, None, None), SourceRow.SHARD_END: count}
+
+    return ReadTask(lambda: _blocks(rows()), _metadata(None, size, [uri]), SourceRow.SCHEMA)
 
 
 def _video_task(group: list[_Video], max_video_bytes: int) -> ReadTask:
@@ -278,7 +314,7 @@ def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
     for row in rows:
         batch.append(row)
         held += len(row[SourceRow.VIDEO] or b"")
-        if held >= _BLOCK_BYTES:
+        if held >= _BLOCK_BYTES or len(batch) >= _BLOCK_VIDEOS:
             yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
             batch, held = [], 0
     if batch:
@@ -286,7 +322,8 @@ def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
 
 
 def _row(key: str, video: bytes | None, label: str | None, error: str | None = None) -> dict:
-    return {SourceRow.KEY: key, SourceRow.VIDEO: video, SourceRow.LABEL: label, SourceRow.ERROR: error}
+    return {SourceRow.KEY: key, SourceRow.VIDEO: video, SourceRow.LABEL: label, SourceRow.ERROR: error,
+            SourceRow.SHARD_END: None}
 
 
 def _video_rows(group: list[_Video], max_video_bytes: int) -> Iterator[dict]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from groupemotion_core.checkpoint import load_checkpoint
-from groupemotion_core.schema import CLASSES, LabelRow
+from groupemotion_core.schema import CLASSES, VideoRow, WindowRow
 from ray_jobs import cli
 
 
@@ -19,16 +19,20 @@ def test_quickstart_runs_end_to_end(ray_session, tmp_path, capsys):
     argv = ["quickstart", "--workdir", str(work), "--clips-per-class", "4", "--epochs", "2"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    for name in ("labels", "run/best", "report"):
+    for name in ("labels/videos", "labels/windows", "run/best", "report"):
         assert str(work / name) in printed
+    assert f'pd.read_parquet("{work / "labels" / "videos"}")' in printed
 
     heldout = sorted((work / "videos" / "heldout").rglob("*.mp4"))
     assert len(heldout) == 2 * len(CLASSES)
-    table = pq.read_table(work / "labels")
-    assert set(LabelRow.SCHEMA.names) <= set(table.column_names)
+    table = pq.read_table(work / "labels" / "videos")
+    assert table.schema.equals(VideoRow.SCHEMA, check_metadata=False)
     rows = table.to_pylist()
     assert sorted(Path(r["key"]).name for r in rows) == sorted(p.name for p in heldout)
-    assert all(r["error"] is None and r["label"] in CLASSES for r in rows)
+    assert all(r["error"] is None and r["label"] in CLASSES and r["windows"] == 1 for r in rows)
+    windows = pq.read_table(work / "labels" / "windows")
+    assert windows.schema.equals(WindowRow.SCHEMA, check_metadata=False)
+    assert sorted(windows["key"].to_pylist()) == sorted(r["key"] for r in rows)  # 2 s clips: one window each
 
     model, info = load_checkpoint(work / "run" / "best")
     assert {r["model"] for r in rows} == {info["model_id"]}
@@ -40,4 +44,4 @@ def test_quickstart_runs_end_to_end(ray_session, tmp_path, capsys):
 
     # A second run reuses everything: data, shards, the finished training run, committed labels.
     assert cli.main(argv) == 0
-    assert pq.read_table(work / "labels").num_rows == len(heldout)
+    assert pq.read_table(work / "labels" / "videos").num_rows == len(heldout)

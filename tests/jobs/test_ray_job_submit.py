@@ -34,7 +34,7 @@ import torch
 from groupemotion_core.checkpoint import save_checkpoint
 from groupemotion_core.config import preset
 from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.schema import CLASSES, LabelRow
+from groupemotion_core.schema import CLASSES, PROB_COLUMNS
 from groupemotion_core.synthetic import SyntheticClip, render_clip
 from ray_jobs import storage
 from ray_jobs.pack import pack
@@ -158,13 +158,14 @@ def test_infer_runs_through_ray_job_submit_with_token_auth(ray_head, tmp_path):
         timeout=300,
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
-    assert "infer: 3 clips in 2 units" in submitted.stdout
+    assert "infer: 3 videos (3 windows) in 2 units" in submitted.stdout
 
     fs, path = storage.arrow_filesystem(output)
-    df = pd.read_parquet(path, filesystem=fs)
-    assert sorted(df["key"]) == sorted(
-        f"{tmp_path / 'shards'}/shard-00000{i // 2}.tar/{label}/v{i}" for i, label in enumerate(CLASSES)
-    )
-    assert df["error"].isna().all() and set(df["model"]) == {model_id}
-    assert (df[list(LabelRow.PROB_COLUMNS)].sum(axis=1) - 1).abs().max() < 1e-5
+    videos = pd.read_parquet(f"{path}/videos", filesystem=fs)
+    windows = pd.read_parquet(f"{path}/windows", filesystem=fs)
+    keys = sorted(f"{tmp_path / 'shards'}/shard-00000{i // 2}.tar/{label}/v{i}" for i, label in enumerate(CLASSES))
+    assert sorted(videos["key"]) == sorted(windows["key"]) == keys
+    for df in (videos, windows):
+        assert df["error"].isna().all() and set(df["model"]) == {model_id}
+        assert (df[list(PROB_COLUMNS)].sum(axis=1) - 1).abs().max() < 1e-5
 

@@ -13,7 +13,7 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.synthetic import SyntheticClip, render_clip
 from ray_jobs import storage
 from ray_jobs.pack import pack
-from ray_jobs.sources import list_inputs, read_labels_csv, read_sources
+from ray_jobs.sources import list_inputs, read_labels_csv, read_sources, shard_videos
 
 
 def _clip(label: str, seed: int, container: str = "mp4") -> bytes:
@@ -164,3 +164,33 @@ def test_limits_and_truncated_shards_become_error_rows(ray_session, tmp_path: Pa
     cut_rows = sorted(k for k in rows if k.startswith(str(cut)))
     assert cut_rows[0] == str(cut) and rows[str(cut)]["error"].startswith("bad_shard: ")
     assert len(cut_rows) <= 2  # the clip before the cut, if any, and the error
+
+
+def test_every_container_the_decoder_opens_is_an_input(tmp_path: Path):
+    names = ["a.flv", "b.ts", "c.WMV", "d.3gp", "e.m4v", "f.mpg", "g.ogv", "h.asf", "i.mp4"]
+    for name in [*names, "notes.txt", "cover.jpg"]:
+        (tmp_path / name).write_bytes(b"1")
+    assert list_inputs(str(tmp_path)) == [f"{tmp_path}/{n}" for n in names]
+
+
+def test_shard_ends_count_what_each_shard_gave_and_manifests_count_what_pack_wrote(ray_session, tmp_path: Path):
+    src = tmp_path / "src" / "Positive"
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"p{i}.mp4").write_bytes(_clip("Positive", i))
+    pack(str(tmp_path / "src"), str(tmp_path / "packed"), shard_size=2, progress=io.StringIO())
+    full, last = tmp_path / "packed" / "shard-000000.tar", tmp_path / "packed" / "shard-000001.tar"
+    cut = tmp_path / "cut" / "shard-000000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) * 3 // 4])  # ends inside the second clip
+
+    rows = read_sources([str(full), str(last), str(cut)], shard_ends=True).take_all()
+
+    ends = {r["key"]: r["shard_end"] for r in rows if r["shard_end"] is not None}
+    others = [r for r in rows if r["shard_end"] is None]
+    assert all(r["video"] is None and r["error"] is None for r in rows if r["shard_end"] is not None)
+    assert ends == {str(full): 2, str(last): 1, str(cut): sum(r["key"].startswith(str(cut)) for r in others)}
+    assert any(r["key"] == str(cut) and r["error"].startswith("bad_shard: ") for r in others)
+    assert all(r["shard_end"] is None for r in read_sources(str(full)).take_all())  # only when asked
+    # pack's manifest knows the counts of its own shards, not of shards it did not write.
+    assert shard_videos([str(full), str(last), str(cut)]) == {str(full): 2, str(last): 1}

@@ -1,0 +1,258 @@
+"""Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
+input unit, committed when the unit is complete, in whatever order units complete.
+
+The unit of work is an input unit: one tar shard, or a group of up to OBJECTS_PER_UNIT plain video
+objects. A unit is complete when its known number of videos is complete, and a video when all its
+windows have a row (or its one whole-video error row has come). A group of objects knows its size
+from the listing; a shard's size is known to its reader only, which ends the shard with a marker
+row that counts its videos (`ray_jobs.sources`, `shard_ends`). So the stream needs no order: one
+slow video holds back only its own unit, and the driver holds the rows of the units in flight.
+
+A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
+atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
+`videos/` file marks the unit done; its Parquet metadata lists the unit's inputs under
+`groupemotion.inputs`, and a job starts by reading those lists to plan only what no unit holds
+yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
+the start, and the unit labelled again.
+
+Fault injection, for tests and drills: GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N kills the job
+process with SIGKILL right after its N-th commit, like a node loss between two commits.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
+from ray_jobs import storage
+from ray_jobs.predict import VideoCollector, error_counts, video_row
+
+OBJECTS_PER_UNIT = 256
+WINDOWS_DIR = "windows"
+VIDEOS_DIR = "videos"
+PART_PREFIX = "part-"
+INPUTS_METADATA_KEY = b"groupemotion.inputs"
+EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"
+
+
+@dataclass
+class Unit:
+    """One unit of work: a tar shard, or a group of plain video objects."""
+
+    inputs: tuple[str, ...]
+    videos: int | None  # None for a shard until its reader's count arrives
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1("\n".join(self.inputs).encode()).hexdigest()[:16]
+        return f"{PART_PREFIX}{digest}.parquet"
+
+    def describe(self) -> str:
+        return self.inputs[0] if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {self.inputs[0]}"
+
+
+def plan_units(inputs: list[str]) -> list[Unit]:
+    """Input URIs -> units: one per shard, and groups of consecutive plain objects."""
+    from ray_jobs.sources import layout
+
+    shards = [Unit((uri,), None) for uri in inputs if layout(uri) == "tar"]
+    videos = [uri for uri in inputs if layout(uri) != "tar"]
+    groups = [videos[i : i + OBJECTS_PER_UNIT] for i in range(0, len(videos), OBJECTS_PER_UNIT)]
+    return shards + [Unit(tuple(g), len(g)) for g in groups]
+
+
+@dataclass
+class Summary:
+    units: int = 0
+    units_skipped: int = 0
+    units_committed: int = 0
+    videos: int = 0
+    videos_labelled: int = 0
+    windows: int = 0
+    windows_labelled: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # by reason: failed videos and failed windows
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.videos / self.seconds if self.seconds > 0 else 0.0
+        return {**asdict(self), "videos_per_second": round(rate, 3)}
+
+    def line(self) -> str:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
+        rate = self.videos / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.videos} videos ({self.windows} windows) in {self.units_committed} units "
+            f"({self.units_skipped} of {self.units} units already committed, skipped): "
+            f"{self.videos_labelled} videos and {self.windows_labelled} windows labelled, errors: {errors}; "
+            f"{rate:.2f} videos/s over {self.seconds:.1f} s"
+        )
+
+
+def part_files(output: str, folder: str) -> list[str]:
+    fs, path = storage.filesystem(storage.join(output, folder))
+    scheme = "s3://" if output.startswith("s3://") else ""
+    return sorted(scheme + p for p in fs.glob(f"{path}/{PART_PREFIX}*.parquet"))
+
+
+def committed_inputs(output: str) -> set[str]:
+    """The input URIs that committed units of `output` hold (read from their videos/ footers)."""
+
+    def inputs_of(uri: str) -> list[str]:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        if INPUTS_METADATA_KEY not in meta:
+            raise GroupEmotionError("bad_output", f"{uri} was not written by groupemotion infer")
+        return json.loads(meta[INPUTS_METADATA_KEY])
+
+    with ThreadPoolExecutor(16) as pool:
+        return {uri for found in pool.map(inputs_of, part_files(output, VIDEOS_DIR)) for uri in found}
+
+
+def remove_uncommitted(output: str) -> None:
+    """Delete windows/ files whose unit has no videos/ file: a job died between the two."""
+    done = {uri.rsplit("/", 1)[1] for uri in part_files(output, VIDEOS_DIR)}
+    for uri in part_files(output, WINDOWS_DIR):
+        if uri.rsplit("/", 1)[1] not in done:
+            storage.remove(uri)
+
+
+def remove_all(output: str) -> None:
+    for folder in (VIDEOS_DIR, WINDOWS_DIR):  # videos/ first: a unit is never half-done-looking
+        for uri in part_files(output, folder):
+            storage.remove(uri)
+
+
+@dataclass
+class _InFlight:
+    videos: list[dict] = field(default_factory=list)  # VideoRow values
+    windows: list[dict] = field(default_factory=list)  # window prediction rows
+
+
+class LabelWriter:
+    """Takes prediction batches in any order; commits each unit's files once it is complete.
+
+    `on_video(rows)` is called with each finished video's rows (progress); `on_commit(line)` with
+    a line about each committed unit.
+    """
+
+    def __init__(self, units: list[Unit], output: str, model_id: str, summary: Summary,
+                 on_video: Callable[[list[dict]], None] = lambda rows: None,
+                 on_commit: Callable[[str], None] = lambda line: None):
+        self.units, self.output, self.model_id, self.summary = units, output, model_id, summary
+        self.on_video, self.on_commit = on_video, on_commit
+        self.unit_of = {uri: i for i, unit in enumerate(units) for uri in unit.inputs}
+        self.collector = VideoCollector()
+        self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
+        self.committed: set[int] = set()
+        self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV, "0") or 0)
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            index = self._index(row[ClipRow.KEY])
+            if index in self.committed:
+                raise RuntimeError(f"a row of {self.units[index].describe()} came after its files were committed")
+            if row[ClipRow.WINDOW] == ClipRow.SHARD_END:
+                self.units[index].videos = row[ClipRow.WINDOWS]
+            else:
+                rows = self.collector.add(row)
+                if rows is None:
+                    continue
+                self.on_video(rows)
+                unit = self.in_flight[index]
+                unit.videos.append(video_row(rows))
+                unit.windows.extend(r for r in rows if r[ClipRow.WINDOW] != ClipRow.WHOLE_VIDEO)
+            if len(self.in_flight[index].videos) == self.units[index].videos:
+                self._commit(index)
+
+    def finish(self) -> None:
+        """The stream has ended: every unit must have been committed."""
+        left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
+        if left:
+            raise RuntimeError(
+                f"the stream ended with {len(left)} units incomplete (first: {left[0]}); "
+                f"{len(self.collector.unfinished)} videos lack windows"
+            )
+
+    def _index(self, key: str) -> int:
+        if key in self.unit_of:  # a plain object, or a shard's own row (its error or its end)
+            return self.unit_of[key]
+        cut = key.rfind("/")
+        while cut > 0:  # `<shard uri>/<member key>`; a member key may contain slashes
+            if key[:cut] in self.unit_of:
+                return self.unit_of[key[:cut]]
+            cut = key.rfind("/", 0, cut)
+        raise RuntimeError(f"row {key!r} belongs to no planned input")
+
+    def _commit(self, index: int) -> None:
+        unit, rows = self.units[index], self.in_flight.pop(index)
+        metadata = {INPUTS_METADATA_KEY: json.dumps(list(unit.inputs))}
+        windows = window_table(rows.windows, self.model_id).replace_schema_metadata(metadata)
+        videos = video_table(rows.videos, self.model_id).replace_schema_metadata(metadata)
+        _write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
+        _write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
+        self.committed.add(index)
+
+        s = self.summary
+        failed_videos = error_counts(rows.videos)
+        failed_windows = error_counts(rows.windows)
+        s.units_committed += 1
+        s.videos += videos.num_rows
+        s.videos_labelled += videos.num_rows - sum(failed_videos.values())
+        s.windows += windows.num_rows
+        s.windows_labelled += windows.num_rows - sum(failed_windows.values())
+        for reason, count in (failed_videos + failed_windows).items():
+            s.errors[reason] = s.errors.get(reason, 0) + count
+        self.on_commit(
+            f"committed {unit.name}: {videos.num_rows} videos ({sum(failed_videos.values())} failed), "
+            f"{windows.num_rows} windows ({sum(failed_windows.values())} failed), from {unit.describe()} "
+            f"[{s.units_committed}/{s.units - s.units_skipped}]"
+        )
+        if self.exit_after and s.units_committed >= self.exit_after:
+            print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def window_table(rows: list[dict], model_id: str) -> pa.Table:
+    """Window prediction rows -> a WindowRow table in (key, window) order; failed windows'
+    probabilities are null."""
+    rows = sorted(rows, key=lambda r: (r[WindowRow.KEY], r[WindowRow.WINDOW]))
+    return _table(rows, WindowRow.SCHEMA, model_id)
+
+
+def video_table(rows: list[dict], model_id: str) -> pa.Table:
+    """`predict.video_row` values -> a VideoRow table in key order."""
+    return _table(sorted(rows, key=lambda r: r[VideoRow.KEY]), VideoRow.SCHEMA, model_id)
+
+
+def _table(rows: list[dict], schema: pa.Schema, model_id: str) -> pa.Table:
+    columns = {}
+    for f in schema:
+        if f.name == WindowRow.MODEL:
+            columns[f.name] = pa.array([model_id] * len(rows), f.type)
+        elif f.name in PROB_COLUMNS:
+            values = np.array([np.nan if r[f.name] is None else r[f.name] for r in rows], dtype=np.float32)
+            columns[f.name] = pa.array(values, f.type, mask=np.isnan(values))
+        else:
+            columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
+    return pa.table(columns, schema=schema)
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
