@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ray_jobs.evaluate", "evaluate a checkpoint on labelled data: metrics JSON, confusion PNG"),
     "infer": ("ray_jobs.infer", "label videos with a checkpoint and write Parquet (exactly once)"),
     "quickstart": ("ray_jobs.quickstart", "generate data, train, label and evaluate, all locally"),
+    "weights": ("ray_jobs.weights", "convert pretrained encoder weights from a PyTorch pickle to safetensors"),
 }
 
 

@@ -158,11 +158,19 @@ def _check_resources(ray, args: argparse.Namespace) -> None:
 
 
 def _resolved_config(args: argparse.Namespace, cfg) -> dict[str, Any]:
-    """Everything that decided the run, saved beside its checkpoints."""
+    """Everything that decided the run, saved beside its checkpoints.
+
+    The pretrained sources are resolved here, before any worker starts: a hub id becomes the
+    commit it names and the sha256 of its weights (a missing or pickle-only source fails now,
+    in one line, rather than in every worker).
+    """
     import ray
     import torch
 
+    from groupemotion_core.pretrained import describe
+
     return {
+        "pretrained": describe(args.pretrained_vision, args.pretrained_audio),
         "model": cfg.to_dict(),
         "data": {"train": list(args.train), "val": list(args.val)},
         "training": {

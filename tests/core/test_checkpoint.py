@@ -1,4 +1,4 @@
-"""Fine-tuned checkpoints (safetensors + JSON) and pretrained encoder weights, all offline."""
+"""Fine-tuned checkpoints (safetensors + JSON); pretrained encoder weights are in test_pretrained.py."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ import pickle
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
-from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
 from groupemotion_core.checkpoint import MAX_CONFIG_BYTES, load_checkpoint, save_checkpoint
 from groupemotion_core.config import preset
-from groupemotion_core.encoders import hubert_config
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.pretrained import load_pretrained
 from groupemotion_core.schema import CLASSES
 
 
@@ -139,66 +134,3 @@ def test_malformed_or_oversized_config_is_refused(saved):
     (saved / "config.json").write_text(json.dumps({"pad": "x" * MAX_CONFIG_BYTES}))
     error = _expect_bad("bad_checkpoint", load_checkpoint, saved)
     assert "larger than" in error.detail
-
-
-# --- pretrained encoders, offline -----------------------------------------------------------
-
-
-def _timm_tiny(**kwargs):
-    cfg = preset("tiny").vision
-    return timm.create_model(cfg.backbone, pretrained=False, **cfg.model_kwargs, **kwargs)
-
-
-def test_vision_weights_load_from_a_safetensors_file_and_a_directory(model, tmp_path):
-    source = _timm_tiny()  # with its ImageNet classifier, as published weights are
-    state = {k: v.contiguous() for k, v in source.state_dict().items()}
-    save_file(state, tmp_path / "resnet.safetensors")
-    (tmp_path / "hub").mkdir()
-    save_file(state, tmp_path / "hub" / "model.safetensors")
-    for where in (tmp_path / "resnet.safetensors", tmp_path / "hub"):
-        fresh = GroupEmotionModel(preset("tiny"))
-        load_pretrained(fresh, vision=str(where))
-        loaded = fresh.vision.backbone.state_dict()
-        assert loaded.keys() == {k for k in state if not k.startswith("fc.")}
-        assert all(torch.equal(loaded[k], state[k]) for k in loaded)
-
-
-def test_audio_weights_load_from_a_save_pretrained_directory(model, tmp_path):
-    torch.manual_seed(1)
-    source = HubertModel(hubert_config(preset("tiny").audio))
-    source.save_pretrained(tmp_path / "hubert")
-    load_pretrained(model, audio=str(tmp_path / "hubert"))
-    expected = source.state_dict()
-    loaded = model.audio.hubert.state_dict()
-    assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
-
-
-def test_audio_input_policy_follows_the_checkpoints_feature_extractor(model, tmp_path):
-    """A large-style checkpoint (normalised input, attention masks) says so in its preprocessor
-    config; loading it switches the model to that policy, and a fine-tuned checkpoint keeps it."""
-    source = HubertModel(hubert_config(preset("tiny").audio))
-    source.save_pretrained(tmp_path / "hubert")
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "hubert")
-    assert not model.config.audio.do_normalize and not model.audio.use_attention_mask
-    load_pretrained(model, audio=str(tmp_path / "hubert"))
-    assert model.config.audio.do_normalize and model.audio.do_normalize
-    assert model.config.audio.use_attention_mask and model.audio.use_attention_mask
-    save_checkpoint(model, tmp_path / "finetuned")
-    reloaded, _ = load_checkpoint(tmp_path / "finetuned")
-    assert reloaded.audio.do_normalize and reloaded.audio.use_attention_mask
-
-
-def test_pickled_pretrained_weights_are_refused(model, tmp_path):
-    torch.save(_timm_tiny().state_dict(), tmp_path / "resnet.pth")
-    _expect_bad("bad_weights", load_pretrained, model, str(tmp_path / "resnet.pth"))
-    pickles_only = tmp_path / "hubert"
-    pickles_only.mkdir()
-    hubert_config(preset("tiny").audio).save_pretrained(pickles_only)
-    torch.save(HubertModel(hubert_config(preset("tiny").audio)).state_dict(), pickles_only / "pytorch_model.bin")
-    _expect_bad("bad_weights", load_pretrained, model, None, str(pickles_only))
-
-
-def test_weights_of_another_size_are_refused(model, tmp_path):
-    save_file(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "wide.safetensors")
-    _expect_bad("bad_weights", load_pretrained, model, str(tmp_path / "wide.safetensors"))

@@ -182,3 +182,24 @@ def test_a_rerun_with_another_model_is_refused(ray_session, data, tmp_path: Path
     (tmp_path / "run_config.json").write_text(json.dumps({"model": other}))
     assert train(data, str(tmp_path), "--epochs", "1") == 2
     assert "error: config_mismatch" in capsys.readouterr().err
+
+
+def test_run_config_records_the_pretrained_weights_it_starts_from(tmp_path: Path):
+    """Resolved by the driver before any worker starts: the source, its hub commit (none for a
+    local path) and the sha256 of the weights."""
+    import hashlib
+
+    from transformers import HubertModel
+
+    from groupemotion_core.encoders import hubert_config
+    from ray_jobs.train import _resolved_config
+
+    HubertModel(hubert_config(preset("tiny").audio)).save_pretrained(tmp_path / "hubert")
+    argv = ["train", "--train", "t", "--val", "v", "--output", str(tmp_path / "run"), "--preset", "tiny",
+            "--pretrained-audio", str(tmp_path / "hubert")]
+    run_config = _resolved_config(cli.build_parser(argv).parse_args(argv), preset("tiny"))
+    audio = run_config["pretrained"]["audio"]
+    assert run_config["pretrained"]["vision"] is None
+    assert audio["source"] == str(tmp_path / "hubert") and audio["commit"] is None
+    assert audio["sha256"] == hashlib.sha256((tmp_path / "hubert" / "model.safetensors").read_bytes()).hexdigest()
+    json.dumps(run_config)
