@@ -1,104 +1,258 @@
-"""Inference throughput and memory: the Ray job against a naive sequential loop, for N and 4N clips.
+"""Inference throughput and memory on web-like videos: `groupemotion infer` against the decode
+ceiling and a naive loop, side by side in one run, and the job again on 4x the videos.
 
-  python bench/infer.py [--clips N] [--model preset:tiny] [--width 160] [--height 120]
-                        [--seconds 2] [--cpus 4] [--actors 1] [--batch-size 8] [--shard-size 8]
+  python bench/infer.py [--videos 200] [--distinct 8] [--model preset:tiny] [--shard-size 20]
 
-Generates N and 4N clips once, packs each set into tar shards, then labels each set two ways,
-each in a fresh process so their memory can be told apart:
+Videos: web-like H.264 + AAC clips, 720p and 360p alternately, 5 to 30 s long, 25 fps, moving
+content (a scrolling textured background and drifting shapes, so the encoder works as on a real
+video, unlike flat test colours) and speech-like stereo audio at 44.1 kHz (a voiced pitch with
+harmonics in syllables and pauses, resampled to 16 kHz by the decoder). Encoding 720p is slow,
+so `--distinct` videos are generated and copied under new names up to --videos; decoding a copy
+costs what decoding the original does. The videos are packed into tar shards with `pack`.
+Every path decodes the first 5 s window of each video (`--windows first`).
 
-- job: `ray_jobs.infer.infer` on a local Ray of --cpus logical CPUs (started before the job, as
-  a cluster would be): read, decode actors, model actors, Parquet committed per shard.
-  `clips_per_s` is the job's own figure (listing, actor start and model loads included, Ray's own
-  start excluded); `process_wall_s` is the whole process, Ray's start included.
-- naive: one clip after another in one process: read it from the shard, decode it, run the
-  model on it alone, append its row to a Parquet file.
+Side by side, each a fresh process:
+- ceiling: `decode_clip` alone, one process per core (one FFmpeg thread each, as the job's decode
+  actors), over the videos in memory: what the machine can decode at most.
+- naive: one process, one video after another: read it from its shard, decode it (FFmpeg's own
+  threads), run the model on it alone, append its row to a Parquet file.
+- job: the `groupemotion infer` command with its default sizing, on a local Ray it starts itself;
+  wall time of the whole command, Ray's start included.
+Then the job once more on 4x the videos, for memory.
 
-Memory, sampled every 0.1 s while a run lasts:
-- `peak_driver_rss_mib`: resident memory of the process that runs the job (the Ray driver);
-- `peak_tree_rss_mib`: summed resident memory of that process and all its descendants, which for
-  a local Ray are the raylet, GCS and every worker and actor. Pages of the shared object store are
-  counted once per process that maps them, so this is an upper bound;
-- `peak_system_used_mib`: rise of the machine's used memory (MemTotal - MemAvailable) over the
-  level before the run; other work on the machine shows up here too.
-Flat streaming shows as driver and tree peaks that do not grow with 4x the clips.
+Figures: `videos_per_s` of each; `job_vs_ceiling` and `job_vs_naive` (targets >= 0.8 and >= 1.2);
+`cpu_busy_cores`, the CPU time of the process and all its descendants over its wall time (how
+many cores it kept busy); `peak_driver_rss_mib` (the process itself) and `peak_tree_rss_mib`
+(summed over its descendants: for the job the raylet, GCS, workers, actors and decoder children;
+shared object-store pages count once per process mapping them, so it is an upper bound), sampled
+every 0.1 s, and their ratio at 4x the videos (target <= 1.2: flat). `ray_data_stats`: the
+per-operator lines of Ray Data's statistics for the job (from the job's `ray-data.log`), which
+tell where the time goes.
 
-Prints one JSON object on stdout; the runs' logs go to stderr.
+Prints one JSON object on stdout; the runs' own output goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
-JOB = """
-import json, sys, ray
-ray.init(address="local", num_cpus={cpus}, include_dashboard=False, _node_ip_address="127.0.0.1",
-         configure_logging=False)
-from ray_jobs.infer import PredictOptions, infer
-summary = infer([{shards!r}], {model!r}, {output!r}, PredictOptions(batch_size={batch_size}, actors={actors}))
-print(json.dumps(summary.to_dict()))
-"""
+FPS = 25
+AUDIO_RATE = 44100
+SIZES = ((1280, 720), (640, 360))
+LENGTHS_S = (5, 12, 20, 30, 8, 16, 25, 10)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=24, help="N; the second run has 4N clips")
+    parser.add_argument("--videos", type=int, default=200, help="videos in the main run; the memory run has 4x")
+    parser.add_argument("--distinct", type=int, default=8, help="distinct generated videos, copied up to --videos")
     parser.add_argument("--model", default="preset:tiny")
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--height", type=int, default=120)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--cpus", type=int, default=max(4, os.cpu_count() or 1), help="logical CPUs of the local Ray")
-    parser.add_argument("--actors", type=int, default=1, help="model actors")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=20)
+    parser.add_argument("--no-memory-run", action="store_true", help="skip the 4x run")
+    parser.add_argument("--ceiling", nargs=2, metavar=("SHARDS", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--naive", nargs=3, metavar=("SHARDS", "OUTPUT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ceiling:
+        return _ceiling(*args.ceiling)
     if args.naive:
         return _naive(*args.naive)
 
-    from groupemotion_core.synthetic import make_dataset
+    from ray_jobs.model_ref import describe_model_ref
+
+    spec = describe_model_ref(args.model)[0].decode_spec()
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        tmp = Path(tmp)
+        originals = _generate(tmp / "originals", args.distinct)
+        ceiling, naive = {}, {}
+        runs = []
+        for n in (args.videos, 4 * args.videos)[: 1 if args.no_memory_run else 2]:
+            shards = _shards(originals, tmp / f"{n}", n, args.shard_size)
+            if not ceiling:
+                out, ceiling = _measured([sys.executable, __file__, "--ceiling", str(shards), json.dumps(dataclasses.asdict(spec))])
+                ceiling.update(json.loads(out.strip().splitlines()[-1]))
+                out, naive = _measured([sys.executable, __file__, "--naive", str(shards), str(tmp / "naive.parquet"),
+                                        args.model])
+                naive.update(json.loads(out.strip().splitlines()[-1]))
+            runs.append(_job(shards, tmp / f"labels-{n}", tmp / f"ray-{n}", args.model, n))
+        job = runs[0]
+        report = {
+            "bench": "infer",
+            "config": {"videos": args.videos, "distinct": args.distinct, "model": args.model,
+                       "shard_size": args.shard_size, "windows": "first", "fps": FPS,
+                       "sizes": [f"{w}x{h}" for w, h in SIZES], "lengths_s": list(LENGTHS_S),
+                       "decode_spec": {k: getattr(spec, k) for k in ("num_frames", "frame_size", "clip_seconds")}},
+            "machine_cores": os.cpu_count(),
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+            "ceiling": ceiling,
+            "naive": naive,
+            "job": job,
+            "job_vs_ceiling": round(job["videos_per_s"] / ceiling["videos_per_s"], 3),
+            "job_vs_naive": round(job["videos_per_s"] / naive["videos_per_s"], 3),
+        }
+        if len(runs) == 2:
+            report["job_4x"] = runs[1]
+            report["memory_4x_over_1x"] = {
+                k: round(runs[1][k] / runs[0][k], 3) for k in ("peak_driver_rss_mib", "peak_tree_rss_mib")
+            }
+    print(json.dumps(report, indent=2))
+
+
+# --- the videos -------------------------------------------------------------------------------------
+
+
+def _generate(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        width, height = SIZES[i % len(SIZES)]
+        path = folder / f"web_{i:03d}_{height}p.mp4"
+        make_web_clip(path, width, height, LENGTHS_S[i % len(LENGTHS_S)], seed=i)
+        paths.append(path)
+        print(f"generated {path.name}", file=sys.stderr, flush=True)
+    return paths
+
+
+def make_web_clip(path: Path, width: int, height: int, seconds: float, seed: int) -> None:
+    """A web-like clip: a textured background scrolling under drifting shapes, and a voice."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0 : 2 * width].astype(np.float32)
+    texture = 128 + 50 * np.sin(x / 37.0 + rng.uniform(0, 6))[..., None] * np.cos(y / 23.0)[..., None]
+    texture = texture + rng.uniform(-40, 40, size=3) + rng.normal(0, 6, size=(height, 2 * width, 3))
+    texture = np.clip(texture, 0, 255).astype(np.uint8)
+    shapes = [(rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-4, 4), rng.uniform(-2, 2),
+               int(rng.uniform(0.05, 0.15) * height), rng.integers(0, 255, size=3, dtype=np.uint8)) for _ in range(5)]
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=FPS, options={"preset": "veryfast", "crf": "23"})
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
+        for i in range(int(seconds * FPS)):
+            shift = (3 * i) % width
+            img = texture[:, shift : shift + width].copy()
+            for sx, sy, vx, vy, r, colour in shapes:
+                cx, cy = int(sx + vx * i) % width, int(sy + vy * i) % height
+                img[max(0, cy - r) : cy + r, max(0, cx - r) : cx + r] = colour
+            out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(video.encode())
+        wave = _voice(seconds, rng)
+        chunk = audio.codec_context.frame_size
+        for start in range(0, len(wave), chunk):
+            piece = np.zeros((2, chunk), np.float32)
+            piece[:, : len(wave[start : start + chunk])] = wave[start : start + chunk]
+            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, start, Fraction(1, AUDIO_RATE)
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode())
+
+
+def _voice(seconds: float, rng):
+    """Speech-like audio: a gliding voiced pitch with harmonics, in syllables and pauses."""
+    import numpy as np
+
+    t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+    pitch = rng.uniform(110, 220) * (1 + 0.15 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / AUDIO_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    syllables = np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) * t), 0, None)
+    pauses = (np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6)) > -0.6).astype(np.float32)
+    noise = rng.normal(0, 0.01, size=len(t))
+    return (0.25 * voiced * syllables * pauses + noise).astype(np.float32)
+
+
+def _shards(originals: list[Path], folder: Path, count: int, shard_size: int) -> Path:
+    """`count` copies of the originals under distinct names, packed into tar shards."""
     from ray_jobs.pack import pack
 
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for clips in (args.clips, 4 * args.clips):
-            root = Path(tmp) / str(clips)
-            make_dataset(root / "videos", max(1, clips // 3), width=args.width, height=args.height, seconds=args.seconds)
-            pack(str(root / "videos"), str(root / "shards"), shard_size=args.shard_size, progress=io.StringIO())
-            job_code = JOB.format(cpus=args.cpus, shards=str(root / "shards"), model=args.model,
-                                  output=str(root / "labels"), batch_size=args.batch_size, actors=args.actors)
-            out, job = _measured([sys.executable, "-c", job_code])
-            summary = json.loads(out.strip().splitlines()[-1])
-            job.update(clips_per_s=round(summary["clips_per_second"], 3), labelled=summary["labelled"])
-            naive_cmd = [sys.executable, __file__, "--naive", str(root / "shards"), str(root / "naive.parquet"), args.model]
-            out, naive = _measured(naive_cmd)
-            naive.update(json.loads(out.strip().splitlines()[-1]))
-            runs.append({
-                "clips": summary["clips"],
-                "job": job,
-                "naive": naive,
-                "speedup": round(job["clips_per_s"] / naive["clips_per_s"], 2),
-            })
-    print(json.dumps({
-        "bench": "infer",
-        "config": {k: getattr(args, k) for k in ("model", "width", "height", "seconds", "cpus", "actors",
-                                                 "batch_size", "shard_size")},
-        "machine_cores": os.cpu_count(),
-        "runs": runs,
-    }, indent=2))
+    videos = folder / "videos"
+    videos.mkdir(parents=True)
+    for i in range(count):
+        source = originals[i % len(originals)]
+        os.link(source, videos / f"v{i:05d}_{source.name}")
+    pack(str(videos), str(folder / "shards"), shard_size=shard_size, progress=io.StringIO())
+    shutil.rmtree(videos)
+    return folder / "shards"
+
+
+# --- the three ways -------------------------------------------------------------------------------
+
+
+def _job(shards: Path, output: Path, ray_tmp: Path, model: str, videos: int) -> dict:
+    """The `groupemotion infer` command as a user runs it; its Ray logs in a folder of its own."""
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "infer", str(shards / "manifest.json"), "--model", model,
+           "--output", str(output), "--windows", "first"]
+    out, figures = _measured(cmd, env)
+    summary = json.loads((output / "_SUCCESS").read_text())
+    if summary["videos"] != videos or summary["errors"]:
+        raise SystemExit(f"the job labelled {summary['videos']} of {videos} videos, errors {summary['errors']}")
+    figures["videos_per_s"] = round(videos / figures["process_wall_s"], 3)
+    figures["job_own_seconds"] = round(summary["seconds"], 2)
+    figures["ray_data_stats"] = _ray_data_stats(ray_tmp)
+    return figures
+
+
+def _ray_data_stats(ray_tmp: Path) -> list[str]:
+    """The per-operator lines of the statistics the job logged to Ray Data's log file."""
+    logs = glob.glob(str(ray_tmp / "**" / "ray-data.log"), recursive=True)
+    text = "\n".join(Path(p).read_text(errors="replace") for p in logs)
+    stats = text.rsplit("per-operator statistics", 1)[-1] if "per-operator statistics" in text else ""
+    keep = ("Operator", "* Remote wall time", "* Remote cpu time", "* UDF time", "* Output rows per task",
+            "* Tasks per node", "* Operator throughput", "Dataset throughput", "* Total time", "* Total execution")
+    return [line.strip() for line in stats.splitlines() if line.strip().startswith(keep)]
+
+
+def _ceiling(shards: str, spec_json: str) -> None:
+    """decode_clip alone, one process per core, one FFmpeg thread each; prints its rate as JSON."""
+    import multiprocessing
+
+    videos = [data for _, data in _shard_videos(Path(shards))]
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=_pool_init,
+                                                   initargs=(spec_json,)) as pool:
+        warm = time.perf_counter()
+        done = sum(pool.imap_unordered(_decode_one, videos, chunksize=1))
+    seconds = time.perf_counter() - warm
+    print(json.dumps({"videos_per_s": round(done / seconds, 3), "seconds": round(seconds, 2),
+                      "pool_start_s": round(warm - started, 2), "processes": os.cpu_count()}))
+
+
+_SPEC = None
+
+
+def _pool_init(spec_json: str) -> None:
+    global _SPEC
+    from groupemotion_core.spec import DecodeSpec
+
+    _SPEC = DecodeSpec(**{**json.loads(spec_json), "threads": 1})
+
+
+def _decode_one(data: bytes) -> int:
+    from groupemotion_core.media import decode_clip
+
+    decode_clip(data, _SPEC)
+    return 1
 
 
 def _naive(shards: str, output: str, model_ref: str) -> None:
-    """Decode, model, write: one clip after another (the baseline), then print its rate as JSON."""
+    """Read, decode, model, write: one video after another; prints its rate as JSON."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -106,51 +260,60 @@ def _naive(shards: str, output: str, model_ref: str) -> None:
 
     from groupemotion_core.errors import GroupEmotionError
     from groupemotion_core.media import decode_clip
-    from groupemotion_core.schema import CLASSES, LabelRow
+    from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow
     from ray_jobs.model_ref import load_model_ref
 
     started = time.perf_counter()
     model, info = load_model_ref(model_ref, warn=False)
     spec = model.config.decode_spec()
-    clips = 0
-    with pq.ParquetWriter(output, LabelRow.SCHEMA) as writer:
-        for shard in sorted(Path(shards).glob("*.tar")):
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not member.name.endswith(".mp4"):
-                        continue
-                    row = {"key": f"{shard}/{member.name[:-4]}", "model": info["model_id"], "label": None, "error": None}
-                    row.update(dict.fromkeys(LabelRow.PROB_COLUMNS))
-                    try:
-                        clip = decode_clip(tar.extractfile(member).read(), spec)
-                        with torch.inference_mode():
-                            logits = model(torch.from_numpy(clip.frames[None]), torch.from_numpy(clip.audio[None]),
-                                           torch.tensor([clip.audio_len]))
-                        probs = torch.softmax(logits.float(), -1)[0].numpy()
-                        row.update(zip(LabelRow.PROB_COLUMNS, probs.tolist()), label=CLASSES[int(np.argmax(probs))])
-                    except GroupEmotionError as e:
-                        row["error"] = f"{e.reason}: {e.detail}"
-                    writer.write_table(pa.Table.from_pylist([row], schema=LabelRow.SCHEMA))
-                    clips += 1
+    videos = 0
+    with pq.ParquetWriter(output, VideoRow.SCHEMA) as writer:
+        for key, data in _shard_videos(Path(shards)):
+            row = {"key": key, "model": info["model_id"], "label": None, "error": None, "windows": 0, "seconds": 0.0}
+            row.update(dict.fromkeys(PROB_COLUMNS))
+            try:
+                clip = decode_clip(data, spec)
+                with torch.inference_mode():
+                    logits = model(torch.from_numpy(clip.frames[None]), torch.from_numpy(clip.audio[None]),
+                                   torch.tensor([clip.audio_len]))
+                probs = torch.softmax(logits.float(), -1)[0].numpy()
+                row.update(zip(PROB_COLUMNS, probs.tolist()), label=CLASSES[int(np.argmax(probs))], windows=1,
+                           seconds=clip.seconds)
+            except GroupEmotionError as e:
+                row["error"] = f"{e.reason}: {e.detail}"
+            writer.write_table(pa.Table.from_pylist([row], schema=VideoRow.SCHEMA))
+            videos += 1
     seconds = time.perf_counter() - started
-    print(json.dumps({"clips_per_s": round(clips / seconds, 3), "seconds": round(seconds, 2)}))
+    print(json.dumps({"videos_per_s": round(videos / seconds, 3), "seconds": round(seconds, 2)}))
 
 
-def _measured(cmd: list[str]) -> tuple[str, dict]:
-    """Run `cmd`, sampling its memory; return (stdout, figures). Its stderr goes to ours."""
-    baseline = _system_used()
+def _shard_videos(shards: Path):
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".mp4"):
+                    yield f"{shard}/{member.name[:-4]}", tar.extractfile(member).read()
+
+
+# --- measuring a process --------------------------------------------------------------------------
+
+
+def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
+    """Run `cmd`, sampling its process tree; return (stdout, figures). Its stderr goes to ours."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peaks = {"peak_driver_rss_mib": 0.0, "peak_tree_rss_mib": 0.0, "peak_system_used_mib": 0.0}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    peaks = {"peak_driver_rss_mib": 0.0, "peak_tree_rss_mib": 0.0}
+    cpu: dict[int, float] = {}  # the last CPU seconds seen of every process of the tree
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            tree = _descendants(proc.pid)
-            rss = {pid: _rss_mib(pid) for pid in [proc.pid, *tree]}
+            pids = [proc.pid, *_descendants(proc.pid)]
+            rss = {pid: _rss_mib(pid) for pid in pids}
             peaks["peak_driver_rss_mib"] = max(peaks["peak_driver_rss_mib"], rss[proc.pid])
             peaks["peak_tree_rss_mib"] = max(peaks["peak_tree_rss_mib"], sum(rss.values()))
-            peaks["peak_system_used_mib"] = max(peaks["peak_system_used_mib"], _system_used() - baseline)
+            for pid in pids:
+                cpu[pid] = max(cpu.get(pid, 0.0), _cpu_seconds(pid))
             stop.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -158,9 +321,11 @@ def _measured(cmd: list[str]) -> tuple[str, dict]:
     out, _ = proc.communicate()
     stop.set()
     sampler.join()
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed with exit status {proc.returncode}")
-    return out, {"process_wall_s": round(time.perf_counter() - started, 2), **{k: round(v, 1) for k, v in peaks.items()}}
+        raise SystemExit(f"{cmd[:4]} failed with exit status {proc.returncode}")
+    return out, {"process_wall_s": round(wall, 2), "cpu_busy_cores": round(sum(cpu.values()) / wall, 2),
+                 **{k: round(v, 1) for k, v in peaks.items()}}
 
 
 def _descendants(root: int) -> list[int]:
@@ -192,13 +357,14 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _system_used() -> float:
-    info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            info[name] = int(value.split()[0])
-    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (its own, not its children's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Ingestion throughput: the Ray Data decode stage against the plain core decoder in a loop.
 
-  python bench/ingest.py [--clips 48] [--width 320] [--height 240] [--seconds 5] [--cpus N]
+  python bench/ingest.py [--clips 48] [--width 320] [--height 240] [--seconds 5] [--actors N]
 
 Generates the clips once into a temporary folder, then decodes all of them three ways with the
 default DecodeSpec: `groupemotion_core.media.decode_clip` in a loop in this process (the baseline),
 and `read_sources` + `decode_dataset` on a local Ray, once over the plain video files and once
-over tar shards written by `pack`. The Ray figures are cold, wall clock from building the dataset
-to the last row, so they include starting the actors and their decoder children: what a job
-pays; `after_first_batch_clips_per_s` is the rate once the first batch is out. The decode pool
-autoscales from 1 to --cpus actors (a fixed pool of every CPU would leave none for reading).
+over tar shards written by `pack`, one window per clip (`FIRST_WINDOW`, as training reads them).
+The Ray figures are cold, wall clock from building the dataset to the last row, so they include
+starting the actors and their decoder children: what a job pays; `after_first_batch_clips_per_s`
+is the rate once the first batch is out. The decode pool is a fixed pool of --actors one-CPU
+actors (default: one per core) on a local Ray of one CPU more, in which the read tasks run (a
+quarter CPU each), as the inference job sizes them.
 Prints one JSON object on stdout; Ray's logs go to stderr.
 """
 
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from groupemotion_core.media import DecodeSpec, decode_clip
+from groupemotion_core.spec import FIRST_WINDOW
 from groupemotion_core.synthetic import make_dataset
 
 
@@ -33,8 +36,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to the local Ray")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--actors", type=int, default=os.cpu_count(), help="decode actors (default: one per core)")
     parser.add_argument("--shard-size", type=int, default=8)
     args = parser.parse_args()
     spec = DecodeSpec()
@@ -59,8 +61,8 @@ def main() -> None:
     print(json.dumps({
         "config": {
             "clips": clips, "width": args.width, "height": args.height, "seconds": args.seconds,
-            "ray_cpus": args.cpus, "decode_actors": f"1..{args.cpus} (autoscaling)", "batch_size": args.batch_size,
-            "shard_size": args.shard_size, "host_cpus": os.cpu_count(),
+            "ray_cpus": args.actors + 1, "decode_actors": args.actors, "shard_size": args.shard_size,
+            "host_cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "decode_spec": {"num_frames": spec.num_frames, "frame_size": spec.frame_size,
                             "clip_seconds": spec.clip_seconds},
@@ -79,10 +81,10 @@ def _through_ray(uri: str, spec: DecodeSpec, args, clips: int) -> dict:
     from ray_jobs.runtime import ensure_ray
     from ray_jobs.sources import read_sources
 
-    ensure_ray(num_cpus=args.cpus)
+    ensure_ray(num_cpus=args.actors + 1)
     DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
-    ds = decode_dataset(read_sources(uri), spec, concurrency=(1, args.cpus), batch_size=args.batch_size)
+    ds = decode_dataset(read_sources(uri, num_cpus=0.25), spec, FIRST_WINDOW, actors=args.actors)
     seen = errors = 0
     first = None  # (time, rows) of the first batch out: what comes after it is the steady state
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

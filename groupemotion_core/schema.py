@@ -94,26 +94,6 @@ class ClipRow:
     SHARD_END = -2
 
 
-class LabelRow:
-    """Column names and Arrow schema of the Parquet output of the inference job."""
-
-    KEY = "key"
-    LABEL = "label"
-    PROB_COLUMNS = tuple(f"prob_{c.lower()}" for c in CLASSES)
-    MODEL = "model"
-    ERROR = "error"
-
-    SCHEMA = pa.schema(
-        [
-            pa.field(KEY, pa.string(), nullable=False),
-            pa.field(LABEL, pa.string()),
-            *[pa.field(name, pa.float32()) for name in PROB_COLUMNS],
-            pa.field(MODEL, pa.string(), nullable=False),
-            pa.field(ERROR, pa.string()),
-        ]
-    )
-
-
 PROB_COLUMNS = tuple(f"prob_{c.lower()}" for c in CLASSES)
 
 
@@ -122,8 +102,8 @@ class WindowRow:
 
     KEY = "key"  # the video
     WINDOW = "window"
-    START_S = "start_s"
-    END_S = "end_s"
+    START_S = "start_s"  # seconds from the video's first frame; NaN for a window the decoder
+    END_S = "end_s"  # died before reaching (ClipRow)
     LABEL = "label"  # class name; null when error is set
     PROB_COLUMNS = PROB_COLUMNS  # softmax probabilities in CLASSES order; null on error
     MODEL = "model"  # the checkpoint's model id
