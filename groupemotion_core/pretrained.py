@@ -36,11 +36,10 @@ from timm.models._hub import load_model_config_from_path
 from torch import nn
 from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
-from groupemotion_core.convert import sha256_file
+from groupemotion_core.convert import WEIGHTS_NAME, sha256_file
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model import GroupEmotionModel
 
-WEIGHTS_NAME = "model.safetensors"
 # What a hub snapshot fetches: the weights and the JSON that describes them, never a pickle.
 HUB_FILES = ("config.json", "preprocessor_config.json", WEIGHTS_NAME)
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
