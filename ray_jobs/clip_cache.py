@@ -1,0 +1,433 @@
+"""A cache of decoded clips: each training split is decoded once, then read for every epoch and run.
+
+Decoding is the slow part of training (a 720p clip costs 0.1-0.2 s of CPU) and the paper
+fine-tunes for many epochs on the same clips, so `groupemotion train --cache URI` decodes each
+split into the cache first and trains from the cache: decode -> write cache -> train. The first
+epoch reads the cache like every other one. Training from the decode stream while writing the
+cache would overlap the two, but it ties the cache's exactly-once commits to the trainer's
+retries and its shuffle, and a decode-only pass has every CPU to itself anyway.
+
+Layout (CACHE is a local folder or an s3:// prefix):
+
+    CACHE/<version>/cache.json              what <version> stands for, for people
+    CACHE/<version>/unit-<hash>.parquet     the ClipRows of one input unit
+
+`<version>` is a digest of everything besides the input bytes that decides the decoded clips:
+the DecodeSpec (all but its thread count), the window plan, the PyAV and FFmpeg library versions,
+the source of the decoder (`groupemotion_core.media` and `spec`: a changed decoder makes a new
+cache, with no version number to forget), this module's row format, and a fault-injection
+setting when one is on. `<hash>` is a digest of the unit's inputs: URI, size and ETag (S3) or
+mtime (local disk) of each. A changed input, spec or decoder gives new names, so nothing is ever
+read that was written for other inputs; old entries stay until the folder is deleted.
+
+A unit is one tar shard, or a group of up to OBJECTS_PER_UNIT plain video objects in listing
+order. `fill` decodes the units whose file is missing in one Ray Data stream (the reader, the
+decode stage, then an encode step on the workers) and commits each unit in one atomic write
+(a single PUT, or a rename) once all its videos have their rows, in whatever order units
+complete: a group knows its size from the listing, a shard from its reader's end marker. So a
+file is always a whole unit, written once; a killed fill leaves whole units and nothing else,
+and the rerun decodes only the rest. A unit with a row that failed on the object store
+(`storage.is_storage_failure`) is not committed: that failure is the store's, not the video's,
+and a rerun must try again.
+
+Row format: the decode stage's ClipRow columns as they are, except
+- `frames` -> `frames_jpeg`: the T frames stacked into one (T*H) x W image, baseline JPEG at
+  quality 90 without chroma subsampling (on real web clips at 224 px: about 40 dB PSNR, largest
+  pixel error about 30 of 255, 6-9% of the raw bytes). A clip whose JPEG would be more than a
+  quarter of its raw frames (noise) is encoded at lower qualities until it fits, so the bound
+  always holds.
+- `audio` -> `audio_pcm16`: the `audio_len` valid samples as 16-bit PCM (little endian); the
+  zero padding is restored on reading. Quantisation error at most 1/65534, below what the AAC or
+  Opus source holds.
+Error rows store neither (their frames and audio are zeros). The Parquet file is zstd-compressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.extensions import ArrowTensorArray
+
+from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.schema import ClipRow
+from groupemotion_core.spec import DecodeSpec, WindowPlan
+from ray_jobs import storage
+
+FORMAT = "groupemotion-clip-cache/1"
+OBJECTS_PER_UNIT = 64
+JPEG_QUALITIES = (90, 80, 70, 60, 50, 40, 30, 20, 10)  # the first whose size fits the bound
+MAX_FRAME_RATIO = 0.25  # a clip's JPEG is at most this share of its raw uint8 frames
+FRAMES_JPEG = "frames_jpeg"
+AUDIO_PCM16 = "audio_pcm16"
+UNIT_PREFIX = "unit-"
+INFO_FILE = "cache.json"
+METADATA_KEY = b"groupemotion.clip_cache"
+EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_CACHE_EXIT_AFTER_UNITS"
+# Read tasks move bytes and the encode step costs a few ms a clip against 100+ ms of decoding:
+# both hold a quarter CPU each, within a reserve (one CPU in sixteen, at least one, for each);
+# the decode actors get every other CPU, all from the start.
+_SMALL_TASK_CPUS = 0.25
+_CPUS_PER_RESERVED_CPU = 16
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input unit: its inputs as (uri, size, tag) and the cache file that holds its clips."""
+
+    inputs: tuple[tuple[str, int, str], ...]
+    shard: bool
+
+    @property
+    def name(self) -> str:
+        return f"{UNIT_PREFIX}{_digest(self.inputs)[:24]}.parquet"
+
+    def describe(self) -> str:
+        first = self.inputs[0][0]
+        return first if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {first}"
+
+
+@dataclass
+class FillStats:
+    """What `fill` found and did."""
+
+    units: int = 0
+    reused: int = 0
+    committed: int = 0
+    videos: int = 0  # videos decoded now
+    rows: int = 0  # ClipRows written now
+    errors: int = 0  # of those rows, with `error` set
+    bytes: int = 0  # written now
+    raw_frame_bytes: int = 0  # the uint8 frames of the decoded rows written now
+    frame_bytes: int = 0  # their JPEGs
+    not_cached: list[str] = field(default_factory=list)  # units left out after a storage failure
+
+    def line(self) -> str:
+        text = f"{self.reused} of {self.units} units reused, {self.committed} decoded"
+        if self.committed:
+            text += f" ({self.videos} videos, {self.errors} errors, {self.bytes / 1e6:.1f} MB"
+            if self.raw_frame_bytes:
+                text += f"; frames at {self.frame_bytes / self.raw_frame_bytes:.1%} of raw"
+            text += ")"
+        return text
+
+
+class ClipCache:
+    """The cache of one decode configuration under a cache URI (see the module docstring)."""
+
+    def __init__(self, uri: str, spec: DecodeSpec, plan: WindowPlan, *, fault_inject: str | None = None):
+        from ray_jobs.decode_stage import FAULT_INJECT_ENV
+
+        self.spec, self.plan = spec, plan
+        self.faults = os.environ.get(FAULT_INJECT_ENV, "") if fault_inject is None else fault_inject
+        self.info = _version_info(spec, plan, self.faults)
+        self.root = storage.join(uri, _digest(self.info)[:24])
+
+    def units(self, uris: list[str] | str) -> list[Unit]:
+        """The input units under `uris` (the forms `ray_jobs.sources` reads), with the size and
+        ETag or mtime of every input as it is now."""
+        from ray_jobs.sources import layout, list_inputs
+
+        inputs = [uri if storage.is_remote(uri) else os.path.abspath(uri) for uri in list_inputs(uris)]
+        found = _stat(inputs)
+        shards = [Unit((found[uri],), True) for uri in inputs if layout(uri) == "tar"]
+        objects = [found[uri] for uri in inputs if layout(uri) != "tar"]
+        groups = [tuple(objects[i : i + OBJECTS_PER_UNIT]) for i in range(0, len(objects), OBJECTS_PER_UNIT)]
+        return shards + [Unit(group, False) for group in groups]
+
+    def missing(self, units: list[Unit]) -> list[Unit]:
+        fs, path = storage.filesystem(self.root)
+        with storage.classified(self.root):
+            names = {posixpath.basename(p) for p in fs.ls(path, detail=False, refresh=True)} if fs.exists(path) else set()
+        return [unit for unit in units if unit.name not in names]
+
+    def fill(self, units: list[Unit], *, decode_cpus: float = 1.0, title: str | None = None) -> FillStats:
+        """Decode the units that have no file yet and commit each one's file once it is whole.
+
+        With a `title`, a console.Progress of the units shows while there is decoding to do.
+        Raises GroupEmotionError `storage_unavailable` at the end when a unit could not be read
+        from the object store.
+        """
+        from ray_jobs.console import Progress
+        from ray_jobs.decode_stage import decode_dataset
+        from ray_jobs.sources import read_sources
+
+        todo = self.missing(units)
+        stats = FillStats(units=len(units), reused=len(units) - len(todo))
+        if todo:
+            info = storage.join(self.root, INFO_FILE)
+            if not storage.exists(info):
+                storage.write_bytes_atomic(info, json.dumps(self.info, indent=2, sort_keys=True).encode())
+            uris = [uri for unit in todo for uri, _, _ in unit.inputs]
+            reserve, actors = _pool_sizes(decode_cpus)
+            sources = read_sources(uris, shard_ends=True, num_cpus=_SMALL_TASK_CPUS,
+                                   concurrency=min(len(todo), int(reserve / _SMALL_TASK_CPUS)))
+            decoded = decode_dataset(sources, self.spec, self.plan, num_cpus=decode_cpus, actors=actors,
+                                     fault_inject=self.faults)
+            encoded = decoded.map_batches(_encode_rows, fn_args=(self.spec,), batch_format="pyarrow",
+                                          batch_size=None, num_cpus=_SMALL_TASK_CPUS,
+                                          compute=ray.data.TaskPoolStrategy(size=int(reserve / _SMALL_TASK_CPUS)))
+            progress = Progress(title, len(todo), "units") if title else None
+            writer = _UnitWriter(self, todo, stats, progress)
+            for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                writer.add(batch)
+            writer.finish()
+            if progress is not None:
+                progress.close()
+        if stats.not_cached:
+            raise GroupEmotionError(
+                "storage_unavailable",
+                f"{len(stats.not_cached)} units could not be read from the object store (first: "
+                f"{stats.not_cached[0]}); the other units are cached, run again to retry those",
+            )
+        return stats
+
+    def dataset(self, units: list[Unit]) -> ray.data.Dataset:
+        """The cached ClipRows of `units` (all committed), as the decode stage gives them."""
+        fs, _ = storage.arrow_filesystem(self.root)
+        paths = [storage.arrow_filesystem(storage.join(self.root, unit.name))[1] for unit in units]
+        return ray.data.read_parquet(paths, filesystem=fs).map_batches(
+            _restore, fn_args=(self.spec,), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def _pool_sizes(decode_cpus: float) -> tuple[int, int]:
+    """(CPUs reserved for the read tasks and for the encode tasks, each; decode actors)."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    reserve = max(1, cpus // _CPUS_PER_RESERVED_CPU)
+    return reserve, max(1, int((cpus - 2 * reserve) // decode_cpus))
+
+
+def _version_info(spec: DecodeSpec, plan: WindowPlan, faults: str) -> dict:
+    import av
+
+    from groupemotion_core import media
+    from groupemotion_core import spec as spec_module
+
+    source = hashlib.sha256()
+    for module in (media, spec_module):
+        source.update(Path(module.__file__).read_bytes())
+    info = {
+        "format": FORMAT,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "threads"},
+        "plan": dataclasses.asdict(plan),
+        "decoder": {"pyav": av.__version__,
+                    "ffmpeg": {name: list(version) for name, version in sorted(av.library_versions.items())},
+                    "source_sha256": source.hexdigest()},
+        "frames": {"codec": "jpeg", "qualities": list(JPEG_QUALITIES), "subsampling": "4:4:4",
+                   "max_ratio": MAX_FRAME_RATIO},
+        "audio": "pcm_s16le, audio_len samples",
+    }
+    if faults:
+        info["fault_inject"] = faults
+    return info
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _stat(inputs: list[str]) -> dict[str, tuple[str, int, str]]:
+    """{uri: (uri, size, tag)}, from one listing per folder: the tag is the S3 ETag, or the mtime
+    on a local disk, so an object rewritten in place gets a new identity."""
+    found: dict[str, tuple[str, int, str]] = {}
+    folders: dict[str, list[str]] = {}
+    for uri in inputs:
+        folders.setdefault(posixpath.dirname(uri), []).append(uri)
+    for folder, uris in folders.items():
+        fs, path = storage.filesystem(folder)
+        with storage.classified(folder):
+            entries = {posixpath.basename(e["name"]): e for e in fs.ls(path, detail=True, refresh=True)}
+        for uri in uris:
+            entry = entries.get(posixpath.basename(uri))
+            if entry is None:
+                raise GroupEmotionError("not_found", f"{uri} vanished while the cache was planned")
+            tag = entry.get("ETag") or entry.get("mtime")
+            found[uri] = (uri, int(entry.get("size") or 0), str(tag).strip('"'))
+    return found
+
+
+class _UnitWriter:
+    """Gathers the encoded rows of each unit and commits the unit once it is whole."""
+
+    def __init__(self, cache: ClipCache, units: list[Unit], stats: FillStats, progress):
+        self.cache, self.stats, self.progress = cache, stats, progress
+        self.units = units
+        self.unit_of = {uri: i for i, unit in enumerate(units) for uri, _, _ in unit.inputs}
+        self.pieces: dict[int, list[pa.Table]] = {}
+        self.expected: dict[int, int] = {i: len(u.inputs) for i, u in enumerate(units) if not u.shard}
+        self.done_videos: Counter = Counter()
+        self.video_rows: Counter = Counter()  # rows seen per video key
+        self.committed: set[int] = set()
+        self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV) or 0)
+
+    def add(self, batch: pa.Table) -> None:
+        keys = batch.column(ClipRow.KEY).to_pylist()
+        windows = batch.column(ClipRow.WINDOW).to_pylist()
+        counts = batch.column(ClipRow.WINDOWS).to_pylist()
+        touched: dict[int, list[int]] = {}
+        for row, (key, window, count) in enumerate(zip(keys, windows, counts)):
+            index = self._index(key)
+            if index in self.committed:
+                raise RuntimeError(f"a row of {self.units[index].describe()} came after its file was committed")
+            if window == ClipRow.SHARD_END:
+                self.expected[index] = count
+                touched.setdefault(index, [])
+                continue
+            touched.setdefault(index, []).append(row)
+            self.video_rows[key] += 1
+            if window == ClipRow.WHOLE_VIDEO or self.video_rows[key] == count:
+                self.done_videos[index] += 1
+        for index, rows in touched.items():
+            if rows:
+                self.pieces.setdefault(index, []).append(batch.take(rows))
+            if self.done_videos[index] == self.expected.get(index):
+                self._commit(index)
+
+    def finish(self) -> None:
+        left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
+        if left:
+            raise RuntimeError(f"the decode stream ended before these units were whole: {left[:3]}")
+
+    def _index(self, key: str) -> int:
+        if key in self.unit_of:  # a plain object, or a shard's own row (error or end marker)
+            return self.unit_of[key]
+        cut = len(key)
+        while (cut := key.rfind("/", 0, cut)) > 0:  # a shard member: <shard uri>/<member key>
+            if key[:cut] in self.unit_of:
+                return self.unit_of[key[:cut]]
+        raise RuntimeError(f"row {key!r} belongs to no planned unit")
+
+    def _commit(self, index: int) -> None:
+        unit = self.units[index]
+        self.committed.add(index)
+        table = pa.concat_tables(self.pieces.pop(index, []) or [_empty(self.cache.spec)])
+        for key in set(table.column(ClipRow.KEY).to_pylist()):
+            del self.video_rows[key]
+        errors = [e for e in table.column(ClipRow.ERROR).to_pylist() if e is not None]
+        if any(storage.is_storage_failure(e) for e in errors):
+            self.stats.not_cached.append(unit.describe())
+            return
+        meta = {"format": FORMAT, "inputs": [list(i) for i in unit.inputs],
+                "frames": [self.cache.spec.num_frames, self.cache.spec.frame_size, self.cache.spec.frame_size, 3],
+                "audio_samples": self.cache.spec.audio_samples}
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd", row_group_size=64)
+        data = buffer.getvalue()
+        storage.write_bytes_atomic(storage.join(self.cache.root, unit.name), data)
+        s = self.stats
+        s.committed += 1
+        s.videos += self.done_videos.pop(index, 0)
+        s.rows += table.num_rows
+        s.errors += len(errors)
+        s.bytes += len(data)
+        jpegs = table.column(FRAMES_JPEG).to_pylist()
+        s.frame_bytes += sum(len(j) for j in jpegs if j is not None)
+        s.raw_frame_bytes += sum(1 for j in jpegs if j is not None) * _frame_bytes(self.cache.spec)
+        if self.progress is not None:
+            self.progress.advance(1, videos=len(set(table.column(ClipRow.KEY).to_pylist())), errors=len(errors))
+        if self.exit_after and s.committed >= self.exit_after:
+            print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _frame_bytes(spec: DecodeSpec) -> int:
+    return spec.num_frames * spec.frame_size * spec.frame_size * 3
+
+
+def _encode_rows(table: pa.Table, spec: DecodeSpec) -> pa.Table:
+    """ClipRows -> cache rows (module docstring); the shard-end markers pass through."""
+    frames = _tensors(table, ClipRow.FRAMES)
+    audio = _tensors(table, ClipRow.AUDIO)
+    lengths = table.column(ClipRow.AUDIO_LEN).to_pylist()
+    usable = [e is None and w >= 0 for e, w in zip(table.column(ClipRow.ERROR).to_pylist(),
+                                                    table.column(ClipRow.WINDOW).to_pylist())]
+    jpegs = [encode_frames(f) if ok else None for f, ok in zip(frames, usable)]
+    pcm = [encode_audio(a[:n]) if ok else None for a, n, ok in zip(audio, lengths, usable)]
+    rest = table.drop_columns([ClipRow.FRAMES, ClipRow.AUDIO])
+    return rest.append_column(FRAMES_JPEG, pa.array(jpegs, pa.binary())).append_column(
+        AUDIO_PCM16, pa.array(pcm, pa.binary()))
+
+
+def _tensors(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).combine_chunks().to_numpy_ndarray()
+
+
+def encode_frames(frames: np.ndarray) -> bytes:
+    """uint8 [T, H, W, 3] -> one JPEG of the frames stacked vertically, within MAX_FRAME_RATIO."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(frames).reshape(-1, frames.shape[2], 3))
+    budget = frames.nbytes * MAX_FRAME_RATIO
+    for quality in JPEG_QUALITIES:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality, subsampling=0)
+        if buffer.tell() <= budget:
+            return buffer.getvalue()
+    buffer = io.BytesIO()  # nothing fits at full chroma: halve it at the lowest quality
+    image.save(buffer, "JPEG", quality=JPEG_QUALITIES[-1], subsampling=2)
+    return buffer.getvalue()
+
+
+def decode_frames(data: bytes, spec: DecodeSpec) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        frames = np.asarray(image.convert("RGB"))
+    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
+    if frames.size != np.prod(shape):
+        raise ValueError(f"a cached clip has frames of {frames.shape}, the spec wants {shape}")
+    return frames.reshape(shape)
+
+
+def encode_audio(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def decode_audio(data: bytes | None, spec: DecodeSpec) -> np.ndarray:
+    audio = np.zeros(spec.audio_samples, np.float32)
+    if data:
+        pcm = np.frombuffer(data, "<i2")[: spec.audio_samples]
+        audio[: len(pcm)] = pcm.astype(np.float32) / 32767.0
+    return audio
+
+
+def _restore(table: pa.Table, spec: DecodeSpec) -> pa.Table:
+    """Cache rows -> ClipRows with the decode stage's columns, types and order."""
+    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
+    frames = np.zeros((table.num_rows, *shape), np.uint8)
+    audio = np.zeros((table.num_rows, spec.audio_samples), np.float32)
+    for i, (jpeg, pcm) in enumerate(zip(table.column(FRAMES_JPEG).to_pylist(), table.column(AUDIO_PCM16).to_pylist())):
+        if jpeg is not None:
+            frames[i] = decode_frames(jpeg, spec)
+        audio[i] = decode_audio(pcm, spec)
+    columns = {name: table.column(name) for name in table.column_names if name not in (FRAMES_JPEG, AUDIO_PCM16)}
+    columns[ClipRow.FRAMES] = ArrowTensorArray.from_numpy(frames)
+    columns[ClipRow.AUDIO] = ArrowTensorArray.from_numpy(audio)
+    order = [ClipRow.KEY, ClipRow.WINDOW, ClipRow.WINDOWS, ClipRow.START_S, ClipRow.END_S, ClipRow.FRAMES,
+             ClipRow.AUDIO, ClipRow.AUDIO_LEN, ClipRow.LABEL, ClipRow.ERROR]
+    return pa.table({name: columns[name] for name in order if name in columns})
+
+
+def _empty(spec: DecodeSpec) -> pa.Table:
+    """A unit without rows (an empty shard) still gets its file, so it counts as done."""
+    return pa.table({
+        ClipRow.KEY: pa.array([], pa.string()), ClipRow.WINDOW: pa.array([], pa.int32()),
+        ClipRow.WINDOWS: pa.array([], pa.int32()), ClipRow.START_S: pa.array([], pa.float64()),
+        ClipRow.END_S: pa.array([], pa.float64()), ClipRow.AUDIO_LEN: pa.array([], pa.int64()),
+        ClipRow.LABEL: pa.array([], pa.int64()), ClipRow.ERROR: pa.array([], pa.string()),
+        FRAMES_JPEG: pa.array([], pa.binary()), AUDIO_PCM16: pa.array([], pa.binary()),
+    })
