@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
 Only the module of the chosen subcommand is imported, so `groupemotion decode` does not pay for
 importing Ray. A user mistake (GroupEmotionError) prints `error: <reason>: <detail>` and exits 2
-with no traceback; Ctrl-C exits 130.
+with no traceback; Ctrl-C exits 130. Every s3:// argument is checked before the command runs, so
+a storage mistake takes seconds to report, not a job's worth of retries.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(argv).parse_args(argv)
+        check_storage(args)
         return int(args._run(args) or 0)
     except GroupEmotionError as e:
         print(f"error: {e.reason}: {e.detail}", file=sys.stderr)
@@ -65,6 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# The arguments a command writes to; every other s3:// argument is only read.
+WRITES: dict[str, tuple[str, ...]] = {"pack": ("dest",), "train": ("output", "cache"), "infer": ("output",)}
+
+
+def check_storage(args: argparse.Namespace) -> None:
+    """Meet a storage mistake (credentials, bucket, access, endpoint) in seconds, before a job
+    reads anything or starts Ray: every s3:// argument is checked once, for writing where the
+    command writes to it."""
+    uris: dict[str, bool] = {}
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item.startswith("s3://"):
+                uris[item] = uris.get(item, False) or name in WRITES.get(args.command, ())
+    if uris:
+        from ray_jobs import storage
+
+        for uri, write in uris.items():
+            storage.check(uri, write=write)
 
 
 def entrypoint(command: str) -> None:

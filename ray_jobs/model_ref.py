@@ -11,8 +11,10 @@ built under a fixed seed, so every actor of a pool holds the same weights and a 
 same answer whichever actor labels it.
 
 A remote checkpoint is downloaded into a per-machine cache named after its URI and model id;
-the download goes to a temporary folder that is renamed into place, so actors starting side by
-side on one node never see half a checkpoint.
+the download goes to a temporary folder that is renamed into place (or deleted when the store
+fails midway), so actors starting side by side on one node never see half a checkpoint. Storage
+failures leave as `storage.StorageError`, the driver's first one (reading config.json) before
+Ray starts.
 """
 
 from __future__ import annotations
@@ -148,7 +150,11 @@ def _local_checkpoint_dir(ref: str) -> str:
     if os.path.isfile(os.path.join(target, CONFIG_FILE)):
         return target
     tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-    storage.download_dir(ref, tmp)
+    try:
+        storage.download_dir(ref, tmp)
+    except BaseException:  # the store failed midway (a StorageError): leave no half checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, target)
     except OSError:  # another process on this machine finished the same download first

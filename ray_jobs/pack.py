@@ -21,6 +21,11 @@ modes, and the JSON is canonical. Memory holds the list of names and one video a
 shard is streamed to DEST, where it appears whole or not at all. A shard-NNNNNN.tar in DEST that the new
 manifest does not list (left by an earlier, larger pack) is deleted. Progress: one line per shard
 on stderr.
+
+On S3 every read and write is retried through throttling and dropped connections (see
+ray_jobs.storage); a failure that outlasts the retries stops the pack with one line, and since an
+earlier manifest in DEST is deleted before the first shard is written, DEST then has no manifest:
+run the pack again.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ def pack(
     if shard_size < 1:
         raise GroupEmotionError("bad_argument", f"--shard-size must be at least 1, not {shard_size}")
     clips = _clips(src, labels_csv)
+    # A manifest left by an earlier pack would vouch for shards about to be replaced.
+    storage.remove(storage.join(dest, MANIFEST_NAME))
     shards = []
     for start in range(0, len(clips), shard_size):
         name = SHARD_NAME.format(len(shards))

@@ -56,6 +56,20 @@ def s3_bucket(s3_server) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture
+def flaky_s3(s3_server, monkeypatch):
+    """The S3 server behind a fault-injecting proxy (tests/s3_faults.py): AWS_ENDPOINT_URL points
+    at the proxy for this test, in this process and the subprocesses it starts (Ray's workers,
+    started earlier, keep the plain server unless given the variable). Faults are off until the
+    test sets `failure_rate` (and `faults`, `scope`, `deny`); `injected` counts those answered."""
+    from tests.s3_faults import FaultyS3Proxy
+
+    proxy = FaultyS3Proxy(s3_server, seed=0).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole session, bound to loopback.
