@@ -17,7 +17,7 @@ from groupemotion_core.media import DecodeSpec, decode_clip
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = DecodeSpec()
-    parser.add_argument("file", metavar="FILE", help="a local video file")
+    parser.add_argument("file", metavar="FILE", help="a local video file or an s3:// object")
     parser.add_argument("--frames", type=_at_least(int, 1), default=default.num_frames,
                         help="frames to sample, evenly spaced in time (default %(default)s)")
     parser.add_argument("--size", type=_at_least(int, 1), default=default.frame_size,
@@ -39,10 +39,9 @@ def _at_least(kind, low):
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.file):
-        raise GroupEmotionError("not_found", f"{args.file} is not a file")
     spec = DecodeSpec(num_frames=args.frames, frame_size=args.size, clip_seconds=args.seconds)
-    clip = decode_clip(args.file, spec, start=args.start)
+    source = _source(args.file, spec)
+    clip = decode_clip(source, spec, start=args.start)
     summary = {
         "file": args.file,
         "frames_shape": list(clip.frames.shape),
@@ -54,6 +53,18 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _source(file: str, spec: DecodeSpec):
+    """A local path as it is; an s3:// object's bytes, read through the project's storage (its
+    retries and errors) and refused unread when over the decoder's size limit."""
+    if file.startswith("s3://"):
+        from ray_jobs import storage
+
+        return storage.read_bytes(file, max_bytes=spec.max_input_bytes)
+    if not os.path.isfile(file):
+        raise GroupEmotionError("not_found", f"{file} is not a file")
+    return file
 
 
 if __name__ == "__main__":
