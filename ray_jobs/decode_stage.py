@@ -229,37 +229,38 @@ class SupervisedDecoder:
         self._start()
 
     def windows(self, key: str, video: bytes) -> Iterator[Window]:
+        if self._process is not None and not self._process.is_alive():  # died between two videos
+            self._stop()
         if self._process is None:
             self._start()
-        self._conn.send_bytes(key.encode("utf-8"))
-        self._conn.send_bytes(video)
         received, count, finished = 0, None, False
         try:
-            while True:
-                failure = None
+            failure = self._send(key, video)
+            while failure is None:
+                window = None
                 try:
                     header = json.loads(self._receive(time.monotonic() + self._timeout_s, 1 << 16))
+                    if header["kind"] == "window":
+                        window = self._window(header)
                 except _Timeout:
                     self._stop()
                     failure = GroupEmotionError("timeout", f"no window decoded in {self._timeout_s:g} s")
-                except (EOFError, OSError):  # the pipe broke: the child is gone
-                    self._stop()
-                    failure = GroupEmotionError("crashed", f"the decoder process died (exit code {self._exitcode})")
-                if failure is None and header["kind"] == "end":
-                    finished = True
-                    return
-                if failure is None and header["kind"] == "error":
-                    failure = GroupEmotionError(header["reason"], header["detail"])
-                if failure is not None:
-                    finished = True
-                    if count is None:
-                        raise failure
-                    for index in range(received, count):
-                        yield Window(index, count, math.nan, math.nan, None, failure)
-                    return
-                window = self._window(header)
-                received, count = window.index + 1, window.count
-                yield window
+                except (EOFError, OSError):
+                    failure = self._crashed()
+                else:
+                    if header["kind"] == "end":
+                        finished = True
+                        return
+                    if header["kind"] == "error":
+                        failure = GroupEmotionError(header["reason"], header["detail"])
+                if window is not None:
+                    received, count = window.index + 1, window.count
+                    yield window
+            finished = True
+            if count is None:
+                raise failure
+            for index in range(received, count):
+                yield Window(index, count, math.nan, math.nan, None, failure)
         finally:
             if not finished and self._process is not None:  # abandoned mid-video: the pipe is mid-message
                 self._stop()
@@ -267,6 +268,19 @@ class SupervisedDecoder:
     def close(self) -> None:
         if self._process is not None:
             self._stop()
+
+    def _send(self, key: str, video: bytes) -> GroupEmotionError | None:
+        try:
+            self._conn.send_bytes(key.encode("utf-8"))
+            self._conn.send_bytes(video)
+        except OSError:
+            return self._crashed()
+        return None
+
+    def _crashed(self) -> GroupEmotionError:
+        """The pipe broke: the child is gone."""
+        self._stop()
+        return GroupEmotionError("crashed", f"the decoder process died (exit code {self._exitcode})")
 
     def _window(self, header: dict) -> Window:
         s = self._spec

@@ -217,6 +217,16 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))
 
 
+def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):
+    # The session's Ray has 4 CPUs: one model actor per GPU (or one on a CPU), one CPU for the
+    # read tasks, and every other CPU decodes.
+    gpus = ray_session.cluster_resources().get("GPU", 0)
+    actors = int(gpus) if gpus else 1
+    assert PredictOptions().resolved() == PredictOptions(16, actors, 1.0 if gpus else 0.0, max(1, 4 - actors - 1))
+    assert PredictOptions(4, actors=2, gpus_per_actor=0.0, decode_cpus=3).resolved() == PredictOptions(4, 2, 0.0, 3)
+    assert PredictOptions(actors=2, gpus_per_actor=0.0).resolved().decode_cpus == 1
+
+
 def test_user_mistakes_exit_2_with_a_reason(videos, checkpoint, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["infer", str(videos), "--model", str(tmp_path / "nothing"), "--output", str(out)]) == 2
