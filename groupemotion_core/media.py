@@ -1,15 +1,25 @@
 """Decoding untrusted video bytes into the model's inputs with PyAV.
 
-One clip is one window of a video: `clip_seconds` long from `start`, or the rest of the video
-when that is shorter. Inside the window the decoder picks `num_frames` frames by timestamp and cuts
+A window is `clip_seconds` of a video from a start time, or the rest of the video when that is
+shorter (spec.py). Inside a window the decoder picks `num_frames` frames by timestamp and cuts
 the mono audio of the same window, so a variable frame rate or a missing duration header changes
 nothing.
 
-The window is read twice, because where it ends decides which frames are wanted:
-1. scan: demux the window's packets without decoding a single video frame; packet timestamps give
-   the true end of the video (headers lie, or say nothing), and the audio is decoded on the way;
-2. pick: seek back, decode video only, and convert just the chosen frames; stop after the last.
-Demuxing is cheap next to decoding video, so the scan costs little and needs no trust in headers.
+Where a window ends decides which frames are wanted, so packets are demuxed before any frame is
+decoded: their timestamps give the true end of the video (headers lie, or say nothing), and
+demuxing costs little next to decoding. decode_clip demuxes its one window; decode_windows demuxes
+the whole video's packets once, then decodes it in one forward pass for all its windows, seeking
+only across a gap that holds a keyframe (sparse windows) and holding only the windows that are
+open, so memory does not grow with the video's length.
+
+Both fill a window with the same machinery, fed the same decoded frames, so a window's clip is the
+same array either way: its pictures come from the frames after its start (a video decoder starts
+clean at every keyframe), its audio from a read of the audio track that always starts at time 0
+(an audio decoder never starts clean: see `_fill`), resampled by a resampler of its own. Reading
+from time 0 opens the input afresh rather than seeking back: some containers (FLV) cannot.
+
+Pictures are shown as a player shows them: the display matrix's rotation applied (a phone video
+stored sideways comes out upright), then the display aspect ratio kept (letterbox).
 
 Every input is untrusted: its size, pixels per frame and duration are checked against the spec
 before any frame is decoded, only real video containers are demuxed (FFmpeg would otherwise follow
@@ -19,10 +29,11 @@ reason is one of REASONS.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
-import itertools
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Union
 
@@ -56,9 +67,8 @@ _SIGNATURES = (
     (0, b"\x00\x00\x01\xba", "mpeg"),
 )
 
-# Demuxers interleave streams by time only roughly; a packet this far past the window's end
-# means no packet of the window is still to come.
-_INTERLEAVE_SLACK_S = 2.0
+# What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
+_FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, UnicodeDecodeError)
 
 
 @dataclass
@@ -81,25 +91,32 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     frame of the video. Frames: `num_frames` targets at the centres of equal slices of the window,
     each filled by the frame on screen at that time (the last one whose timestamp is not after
     it); `frame_times` are those frames' own timestamps. Resize policy is letterbox: the whole
-    frame is scaled to fit inside frame_size x frame_size with its display aspect ratio kept and
-    the rest padded black, never cropped, because the people at the edge of a group matter as
-    much as those in the middle. Audio: the first audio track, mixed to mono, resampled to
-    `sample_rate`, cut from the same window and zero padded; `audio_len` = 0 without a track.
+    frame, turned upright, is scaled to fit inside frame_size x frame_size with its display aspect
+    ratio kept and the rest padded black, never cropped, because the people at the edge of a
+    group matter as much as those in the middle. Audio: the first audio track, mixed to mono,
+    resampled to `sample_rate`, cut from the same window and zero padded; `audio_len` = 0
+    without a track.
 
     Damage is treated as a player treats it: a packet the decoder rejects is dropped (its audio
-    becomes silence), and a truncated file whose container still reads (Matroska, WebM) gives the
-    part that is there; one whose index is gone (an MP4 cut before its moov box) is undecodable.
+    becomes silence, its picture is concealed or the one before stays on screen), and a truncated
+    file whose container still reads (Matroska, WebM) gives the part that is there; one whose
+    index is gone (an MP4 cut before its moov box) is undecodable.
 
     Raises DecodeError for any bad input. An OSError reading a path or file object is the
     storage's fault, not the media's, and a negative `start` the caller's: both raise as they are.
     """
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    with _open_container(source, spec) as container:
-        try:
-            return _decode(container, spec, float(start))
-        except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:  # PyAV's own checks too
-            raise DecodeError("undecodable", _short(e)) from None
+    source = _replayable(source, spec)
+    start = float(start)
+    try:
+        length = _window_length(source, spec, start)
+        clip = next(_fill(source, spec, [(start, length)]))
+    except _FFMPEG_ERRORS as e:
+        raise _decode_error(e) from None
+    if isinstance(clip, DecodeError):
+        raise clip
+    return clip
 
 
 @dataclass
@@ -119,67 +136,389 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
 
     Raises DecodeError, before yielding anything, when the video as a whole cannot be decoded
     (the reasons of decode_clip); a window in which no picture can be decoded is yielded with its
-    `error` set instead. Each window's clip is the one `decode_clip(source, spec, start_s)` gives.
-
-    Reference implementation: one demux-only pass finds where the video ends, then each window
-    is decoded on its own.
+    `error` set instead, and so are the windows left when decoding breaks down part way. Each
+    window's clip is the one `decode_clip(source, spec, start_s)` gives. Plan `first` reads only
+    the first window, never the rest of the file.
     """
-    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)) and not source.seekable():
-        source = source.read(spec.max_input_bytes + 1)
+    source = _replayable(source, spec)
     if plan.mode == "first":
         clip = decode_clip(source, spec, 0.0)
         yield Window(0, 1, 0.0, clip.seconds, clip)
         return
-    with _open_container(source, spec) as container:
-        try:
-            video_end = _video_end(container, spec)
-        except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
-            raise DecodeError("undecodable", _short(e)) from None
+    try:
+        with _open_container(source, spec) as container:
+            video_end, keyframes = _survey(container, spec)
+    except _FFMPEG_ERRORS as e:
+        raise _decode_error(e) from None
     windows = plan_windows(video_end, spec.clip_seconds, plan)
-    for index, (start, end) in enumerate(windows):
-        try:
-            clip = decode_clip(source, spec, start)
-        except DecodeError as e:
-            yield Window(index, len(windows), start, end, None, e)
-            continue
-        yield Window(index, len(windows), start, start + clip.seconds, clip)
+    with contextlib.closing(_fill(source, spec, [(start, end - start) for start, end in windows], keyframes)) as clips:
+        for index, (start, end) in enumerate(windows):
+            try:
+                clip = next(clips)
+            except (DecodeError, *_FFMPEG_ERRORS) as e:
+                if index == 0:
+                    raise _decode_error(e) from None
+                for late, (start, end) in enumerate(windows[index:], index):
+                    yield Window(late, len(windows), start, end, None, _decode_error(e))
+                return
+            if isinstance(clip, DecodeError):
+                yield Window(index, len(windows), start, end, None, clip)
+            else:
+                yield Window(index, len(windows), start, start + clip.seconds, clip)
 
 
-def _video_end(container, spec: DecodeSpec) -> float:
-    """Seconds from the first frame to the end of the last one, from packet timestamps alone."""
-    video = _video_stream(container, spec)
-    origin = _seconds(video.start_time, video) or 0.0
+def _replayable(source: Source, spec: DecodeSpec) -> Source:
+    """A source that can be opened more than once: a pipe or a socket is read (within the limit)."""
+    if isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)) or source.seekable():
+        return source
+    return source.read(spec.max_input_bytes + 1)
+
+
+def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
+    """(seconds from the first frame to the end of the last one, the keyframes' times)."""
+    end, keyframes = None, []
+    for packet, t in _video_packets(container, _video_stream(container, spec), spec):
+        if packet.is_keyframe:
+            keyframes.append(t)
+        shown_until = t + (_seconds(packet.duration, packet.stream) or 0.0)
+        end = shown_until if end is None else max(end, shown_until)
+    if end is None or end <= 0:
+        raise DecodeError("undecodable", "the video stream has no timed packet")
+    return end, sorted(keyframes)
+
+
+def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
+    """Seconds of the window from `start` that the video covers: clip_seconds, or less where the
+    video ends inside it."""
+    with _open_container(source, spec) as container:
+        video = _video_stream(container, spec)
+        if start > 0:
+            try:
+                _seek(container, video, start)
+            except av.error.FFmpegError:
+                pass  # no seeking in this file: read it from time 0 below
+            else:
+                return _covered(container, video, start, spec)
+    with _open_container(source, spec) as container:
+        return _covered(container, _video_stream(container, spec), start, spec)
+
+
+def _covered(container, video, start: float, spec: DecodeSpec) -> float:
+    end = start + spec.clip_seconds
+    video_end = None
+    for packet, t in _video_packets(container, video, spec):
+        # A frame at or after the end fills the window, whatever the packet durations say
+        # (MPEG-TS leaves them 0); before it, a frame is on screen until its duration ends.
+        shown_until = end if t >= end else t + (_seconds(packet.duration, video) or 0.0)
+        if shown_until > start:
+            video_end = max(video_end or shown_until, shown_until)
+        decode_order = packet.dts if packet.dts is not None else packet.pts
+        if _seconds(decode_order, video) - _origin(video) >= end:
+            break
+    if video_end is None:
+        raise DecodeError("undecodable", f"no video frame in the window [{start:g}, {end:g}) s")
+    return min(end, video_end) - start
+
+
+def _video_packets(container, video, spec: DecodeSpec):
+    """(packet, seconds from the first frame) for each timed video packet read from here on,
+    demuxed only: packet timestamps are all it takes to know where the video ends."""
     _demux_only(container, [video])
-    end = None
+    origin = _origin(video)
     for packet in container.demux(video):
         ts = packet.pts if packet.pts is not None else packet.dts
-        if ts is None:
+        if ts is not None:
+            t = _seconds(ts, video) - origin
+            _check_duration(t, spec)
+            yield packet, t
+
+
+def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None):
+    """The clip, or the DecodeError of the window, of each (start, length) window, in order.
+
+    Pictures and sound are read side by side from two openings of the input, each demuxing only
+    its own stream: the video is sought across gaps, the audio never is. An audio decoder's output
+    depends on all it decoded before (AAC's noise substitution and WMA's noise draw from a
+    generator that runs on; MP3 and Vorbis carry bits and overlap), so the one way for a window to
+    get the same samples however it was reached is to decode the audio from time 0, which costs
+    little next to the video. FFmpegErrors raise as they are.
+    """
+    with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
+            contextlib.closing(_sounds(source, spec, windows)) as sounds:
+        for (start, length), picture, samples in zip(windows, pictures, sounds):
+            if isinstance(picture, DecodeError):
+                yield picture
+                continue
+            frames, times = picture
+            audio = np.zeros(spec.audio_samples, np.float32)
+            audio_len = min(len(samples), int(round(length * spec.sample_rate)), spec.audio_samples)
+            audio[:audio_len] = samples[:audio_len]
+            yield DecodedClip(frames, audio, audio_len, times, float(length))
+
+
+def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None):
+    """Each window's (frames, frame_times), or its DecodeError, in order, read forward.
+
+    A window opens when the read reaches its start, with the frame on screen then, and is given
+    every frame after it until its last target is filled: the frames a read from its own seek
+    point gives it. With no window open, the next one is sought when that skips video: always for
+    decode_clip (no `keyframes`), and for decode_windows only when a keyframe lies between what
+    has been read and the window. A seek that fails (FLV without an index), or that lands after
+    its window or nowhere (MPEG-TS has no index and only guesses), makes it open the input again
+    and read on from time 0 without seeking, as a player does.
+    """
+    following = 0  # the first window not opened yet
+    may_seek = True
+    while following < len(windows):
+        with _open_container(source, spec) as container:
+            video = _VideoReader(container, spec)
+            live: deque[_Picture] = deque()
+            while following < len(windows):  # one run: from time 0, or from a seek
+                sought = None
+                if may_seek and video.should_seek(windows[following][0], keyframes):
+                    try:
+                        video.seek(windows[following][0])
+                    except av.error.FFmpegError:
+                        may_seek = False
+                        break
+                    sought = following
+                for frame, t in video.frames():
+                    if sought is not None:
+                        if t > windows[sought][0]:
+                            break  # the seek overshot
+                        sought = None
+                    while following < len(windows) and t >= windows[following][0]:
+                        live.append(_Picture(*windows[following], spec, video))
+                        following += 1
+                    for picture in live:
+                        picture.add(frame, t)
+                    if not (live and live[0].done):
+                        continue
+                    while live and live[0].done:
+                        yield live.popleft().result()
+                    if not live and (following == len(windows) or (may_seek and video.should_seek(windows[following][0], keyframes))):
+                        break  # all done, or on to a seek
+                else:
+                    if sought is None:  # the end of the video: its last frame stays on screen
+                        live.extend(_Picture(*window, spec, video) for window in windows[following:])
+                        following = len(windows)
+                        while live:
+                            yield live.popleft().result()
+                if sought is not None:
+                    may_seek = False
+                    break
+
+
+class _VideoReader:
+    """The video stream of one opened container, decoded forward from time 0 or from a seek,
+    every frame timed in seconds from the video's first frame."""
+
+    def __init__(self, container, spec: DecodeSpec):
+        self.container, self.spec = container, spec
+        self.stream = _video_stream(container, spec)
+        self.stream.thread_type = "AUTO"
+        self.stream.codec_context.thread_count = spec.threads
+        self.origin = _origin(self.stream)
+        self.sar = float(self.stream.sample_aspect_ratio or 1)
+        _demux_only(container, [self.stream])
+        self._restart(0.0)
+
+    def _restart(self, position: float) -> None:
+        self.position = position  # time of the last packet read
+        self.shown: tuple | None = None  # the last frame decoded, and its time
+        self.clock = _FrameClock()
+
+    def should_seek(self, start: float, keyframes: list[float] | None) -> bool:
+        """Whether seeking to `start` skips video that reading on would decode."""
+        if start <= 0:
+            return False
+        if keyframes is None:
+            return True
+        i = bisect.bisect_right(keyframes, start)
+        return i > 0 and keyframes[i - 1] > self.position
+
+    def seek(self, t: float) -> None:
+        _seek(self.container, self.stream, t)
+        self._restart(t)
+
+    def frames(self):
+        """(frame, seconds) for each frame decoded from here on, damaged packets skipped."""
+        for packet in self.container.demux(self.stream):
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is not None:
+                self.position = _seconds(ts, self.stream) - self.origin
+                _check_duration(self.position, self.spec)
+            for frame in _decode_packet(packet) or ():
+                ts = self.clock(frame)
+                if ts is None:
+                    continue
+                _check_pixels(frame.width, frame.height, self.spec)
+                t = _seconds(ts, self.stream) - self.origin
+                yield frame, t
+                self.shown = (frame, t)  # after the yield: a window opened by this frame is given it
+
+
+class _Picture:
+    """One window's frames: each target time filled with the frame on screen then; a frame is
+    converted once, when chosen."""
+
+    def __init__(self, start: float, length: float, spec: DecodeSpec, video: _VideoReader):
+        self.start, self.end = start, start + spec.clip_seconds
+        self.targets = start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
+        self.size, self.sar = spec.frame_size, video.sar
+        self.frames = np.zeros((spec.num_frames, self.size, self.size, 3), np.uint8)
+        self.times = [0.0] * spec.num_frames
+        self.filled = 0
+        self.shown = video.shown  # (frame, seconds) on screen when the window opens
+        self.converted: tuple | None = None  # (frame, its letterboxed picture)
+        self.done = False
+
+    def add(self, frame, t: float) -> None:
+        if self.done:
+            return
+        while self.filled < len(self.targets) and t > self.targets[self.filled]:
+            if self.shown is None:  # nothing on screen yet: the video starts late
+                if t >= self.end:
+                    self.done = True  # and not inside this window
+                    return
+                self.shown = (frame, t)
+            self._take(*self.shown)
+        self.done = self.filled == len(self.targets)
+        self.shown = (frame, t)
+
+    def result(self) -> tuple[np.ndarray, list[float]] | DecodeError:
+        if self.shown is None:
+            return DecodeError("undecodable", f"no video frame could be decoded in [{self.start:g}, {self.end:g}) s")
+        while self.filled < len(self.targets):  # the video ended: its last frame stays on screen
+            self._take(*self.shown)
+        return self.frames, self.times
+
+    def _take(self, frame, t: float) -> None:
+        if self.converted is None or self.converted[0] is not frame:
+            self.converted = (frame, _letterbox(frame, self.size, self.sar))
+        self.frames[self.filled], self.times[self.filled] = self.converted[1], round(t, 6)
+        self.filled += 1
+
+
+def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]):
+    """Each window's audio, in order, from one read of the first audio track from time 0: mono
+    float32 at spec.sample_rate from the window's start, not cut to its length yet, and empty
+    without a track."""
+    with _open_container(source, spec) as container:
+        origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
+        stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
+        live: deque[_Sound] = deque()
+        following = 0  # the first window not opened yet
+        if stream is not None:
+            _demux_only(container, [stream])
+            for frame, t, seconds in _audio_frames(container, stream, origin, spec):
+                while following < len(windows) and t + seconds > windows[following][0]:
+                    live.append(_Sound(windows[following][0], spec))
+                    following += 1
+                for sound in live:
+                    sound.add(frame, t, seconds)
+                while live and live[0].done:
+                    yield live.popleft().samples()
+        while live:  # the end of the audio
+            yield live.popleft().samples()
+        for _ in windows[following:]:
+            yield np.zeros(0, np.float32)
+
+
+def _audio_frames(container, stream, origin: float, spec: DecodeSpec):
+    """(frame, seconds from time 0, its length in seconds) for each decoded frame, and
+    (None, ...) for each packet the decoder rejects, so that later audio keeps its time."""
+    end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+    for packet in container.demux(stream):
+        ts = packet.pts if packet.pts is not None else packet.dts
+        t = None if ts is None else _seconds(ts, stream) - origin  # None: a flush packet
+        if t is not None:
+            _check_duration(t, spec)
+        frames = _decode_packet(packet)
+        if frames is None:
+            if packet.duration and t is not None:
+                gap = _seconds(packet.duration, stream)
+                end = None if end is None else end + gap
+                yield None, t, gap
             continue
-        t = _seconds(ts, video) - origin
-        if t > spec.max_duration_s:
-            raise DecodeError("too_long", f"streams run past max_duration_s {spec.max_duration_s:g}")
-        shown_until = t + (_seconds(packet.duration, video) or 0.0)
-        end = shown_until if end is None else max(end, shown_until)
-    if end is None:
-        raise DecodeError("undecodable", "the video stream has no timed packet")
-    return end
+        for frame in frames:
+            t = end if frame.pts is None else _seconds(frame.pts, stream) - origin
+            if t is not None:
+                end = t + frame.samples / frame.sample_rate
+                yield frame, t, frame.samples / frame.sample_rate
 
 
-@contextlib.contextmanager
+class _Sound:
+    """One window's audio: decoded frames mixed to mono, resampled, trimmed by time.
+
+    The resampler is the window's own, fed from the first frame that overlaps the window,
+    because its output depends on what it was fed before.
+    """
+
+    def __init__(self, start: float, spec: DecodeSpec):
+        self.start, self.end, self.rate = start, start + spec.clip_seconds, spec.sample_rate
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+        self.chunks: list[np.ndarray] = []
+        self.first: float | None = None  # time of the first frame kept
+        self.done = False
+
+    def add(self, frame, t: float, seconds: float) -> None:
+        """A decoded frame at time t, or None for a packet the decoder rejected (silence)."""
+        if self.done:
+            return
+        if t >= self.end:
+            self.done = True
+        elif frame is None:
+            if self.first is not None:
+                self.chunks.append(np.zeros(round(seconds * self.rate), np.float32))
+        elif t + seconds > self.start:
+            self.first = t if self.first is None else self.first
+            self._resample(frame)
+
+    def samples(self) -> np.ndarray:
+        if self.first is None:
+            return np.zeros(0, np.float32)
+        self._resample(None)  # flush what the resampler holds back
+        samples = np.concatenate(self.chunks or [np.zeros(0, np.float32)])
+        skip = round((self.start - self.first) * self.rate)  # < 0: the audio starts late
+        if skip < 0:
+            return np.concatenate([np.zeros(-skip, np.float32), samples])
+        return samples[skip:]
+
+    def _resample(self, frame) -> None:
+        self.chunks.extend(f.to_ndarray()[0] for f in self.resampler.resample(frame))
+
+
+class _FrameClock:
+    """FFmpeg's best-effort frame timestamp (its guess_correct_pts): the pts, unless the pts run
+    backwards more often than the decode times do, as in an AVI with B-frames, which has no pts."""
+
+    def __init__(self):
+        self.faults, self.last = [0, 0], [None, None]
+
+    def __call__(self, frame) -> int | None:
+        for k, ts in enumerate((frame.pts, frame.dts)):
+            if ts is not None:
+                self.faults[k] += self.last[k] is not None and ts <= self.last[k]
+                self.last[k] = ts
+        if frame.pts is not None and (frame.dts is None or self.faults[0] <= self.faults[1]):
+            return frame.pts
+        return frame.dts
+
+
 def _open_container(source: Source, spec: DecodeSpec):
     """The opened container of `source`, or DecodeError: not_media, undecodable, empty, too_large."""
     input_file, head = _open_input(source, spec)
     try:
-        container = av.open(
-            input_file, container_options={"format_whitelist": CONTAINERS}, metadata_errors="ignore"
-        )
-    except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
+        # options: the probe decodes a frame or two per stream, single threaded: a pool of
+        # decoder threads for that costs more than the decoding (the reads use their own).
+        return av.open(input_file, container_options={"format_whitelist": CONTAINERS}, options={"threads": "1"},
+                       metadata_errors="ignore")
+    except _FFMPEG_ERRORS as e:
         kind = next((name for at, magic, name in _SIGNATURES if head[at:].startswith(magic)), None)
         if kind is None:
             raise DecodeError("not_media", "not a video container that may be opened") from None
         raise DecodeError("undecodable", f"truncated or damaged {kind}: {_short(e)}") from None
-    with container:
-        yield container
 
 
 def _open_input(source: Source, spec: DecodeSpec):
@@ -225,170 +564,6 @@ def _video_stream(container, spec: DecodeSpec):
     return video
 
 
-def _decode(container, spec: DecodeSpec, start: float) -> DecodedClip:
-    video = _video_stream(container, spec)
-    audio = next((s for s in container.streams.audio if s.codec_context is not None), None)
-    video.thread_type = "AUTO"
-    video.codec_context.thread_count = spec.threads
-    origin = _seconds(video.start_time, video) or 0.0
-
-    end = start + spec.clip_seconds
-    video_end, audio_samples = _scan(container, video, audio, start, end, origin, spec)
-    if video_end is None:
-        raise DecodeError("undecodable", f"no video frame in the window [{start:g}, {end:g}) s")
-    length = min(end, video_end) - start
-    targets = start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
-    frames, frame_times = _pick(container, video, start, targets, origin, spec)
-
-    clip_audio = np.zeros(spec.audio_samples, np.float32)
-    audio_len = min(len(audio_samples), int(round(length * spec.sample_rate)), spec.audio_samples)
-    clip_audio[:audio_len] = audio_samples[:audio_len]
-    return DecodedClip(frames, clip_audio, audio_len, frame_times, float(length))
-
-
-def _scan(container, video, audio, start: float, end: float, origin: float, spec: DecodeSpec):
-    """Demux the window: -> (end time of its last video frame or None, its mono audio).
-
-    No video frame is decoded here; only packet timestamps are read, so the true end of the video
-    is known before any frame is chosen.
-    """
-    wanted = [video] if audio is None else [video, audio]
-    _seek(container, video, start, origin, wanted)
-    cut = _AudioCut(audio, start, end, origin, spec.sample_rate)
-    video_end, video_done = None, False
-    for packet in container.demux(wanted):
-        ts = packet.pts if packet.pts is not None else packet.dts
-        t = None if ts is None else _seconds(ts, packet.stream) - origin  # None: a flush packet
-        if t is not None and t > spec.max_duration_s:
-            limit = spec.max_duration_s
-            raise DecodeError("too_long", f"streams run past max_duration_s {limit:g}")
-        if packet.stream.index == video.index:
-            if t is None:
-                continue
-            # A frame at or after the end fills the window, whatever the packet durations say
-            # (MPEG-TS leaves them 0); before it, a frame is on screen until its duration ends.
-            shown_until = end if t >= end else t + (_seconds(packet.duration, video) or 0.0)
-            if shown_until > start:
-                video_end = max(video_end or shown_until, shown_until)
-            decode_order = packet.dts if packet.dts is not None else ts
-            video_done = _seconds(decode_order, video) - origin >= end
-        elif not cut.done:
-            cut.add(packet)
-        # A stream that ends before the window does never says "done": the other one, well past
-        # the window's end, says that nothing more of the window can come.
-        if (video_done and cut.done) or (t is not None and t >= end + _INTERLEAVE_SLACK_S):
-            break
-    return video_end, cut.samples()
-
-
-class _AudioCut:
-    """The window's audio: decoded packet by packet, mixed to mono, resampled, trimmed by time."""
-
-    def __init__(self, stream, start: float, end: float, origin: float, rate: int):
-        self.stream, self.start, self.end, self.origin = stream, start, end, origin
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self.chunks: list[np.ndarray] = []
-        self.first: float | None = None  # time of the first decoded frame kept
-        self.done = stream is None
-
-    def add(self, packet) -> None:
-        frames = _decode_packet(packet)
-        if frames is None and self.first is not None and packet.duration:  # later audio keeps its time
-            gap = _seconds(packet.duration, self.stream) * self.resampler.rate
-            self.chunks.append(np.zeros(round(gap), np.float32))
-        for frame in frames or ():
-            if frame.pts is None:
-                continue
-            t = _seconds(frame.pts, self.stream) - self.origin
-            if t >= self.end:
-                self.done = True
-                return
-            if t + frame.samples / frame.sample_rate > self.start:
-                self.first = t if self.first is None else self.first
-                self._resample(frame)
-
-    def samples(self) -> np.ndarray:
-        if self.first is None:
-            return np.zeros(0, np.float32)
-        self._resample(None)  # flush what the resampler holds back
-        samples = np.concatenate(self.chunks or [np.zeros(0, np.float32)])
-        skip = round((self.start - self.first) * self.resampler.rate)  # < 0: the audio starts late
-        if skip < 0:
-            return np.concatenate([np.zeros(-skip, np.float32), samples])
-        return samples[skip:]
-
-    def _resample(self, frame) -> None:
-        self.chunks.extend(f.to_ndarray()[0] for f in self.resampler.resample(frame))
-
-
-def _pick(container, video, start: float, targets: np.ndarray, origin: float, spec: DecodeSpec):
-    """Decode the window's video; convert only the frame on screen at each target time."""
-    timed = _timed_frames(container, video, start, origin, spec)
-    first = next(timed, None)
-    if start > 0 and (first is None or first[1] > start):  # the seek overshot: start over
-        timed.close()
-        timed = _timed_frames(container, video, 0.0, origin, spec)
-    elif first is not None:
-        timed = itertools.chain([first], timed)
-    return _select(timed, targets, spec.frame_size, float(video.sample_aspect_ratio or 1))
-
-
-def _timed_frames(container, video, start: float, origin: float, spec: DecodeSpec):
-    """(frame, seconds) from the keyframe before `start` on, damaged packets skipped."""
-    _seek(container, video, start, origin, [video])
-    clock = _FrameClock()
-    for packet in container.demux(video):
-        for frame in _decode_packet(packet) or ():
-            ts = clock(frame)
-            if ts is not None:
-                _check_pixels(frame.width, frame.height, spec)
-                yield frame, _seconds(ts, video) - origin
-
-
-def _select(timed, targets: np.ndarray, size: int, sar: float):
-    """Fill each target with the frame on screen then; a frame is converted once, when chosen."""
-    n = len(targets)
-    frames = np.zeros((n, size, size, 3), np.uint8)
-    times = [0.0] * n
-    i, shown, last = 0, None, None
-
-    def take(frame, t):
-        nonlocal i, last
-        if last is None or last[0] is not frame:
-            last = (frame, _letterbox(frame, size, sar))
-        frames[i], times[i] = last[1], round(t, 6)
-        i += 1
-
-    for frame, t in timed:
-        while i < n and t > targets[i]:
-            take(*shown) if shown is not None else take(frame, t)  # none yet: the first frame
-        if i == n:
-            break
-        shown = (frame, t)
-    if shown is None and i == 0:
-        raise DecodeError("undecodable", "not one video frame could be decoded")
-    while i < n:  # the video ended: its last frame stays on screen
-        take(*shown)
-    return frames, times
-
-
-class _FrameClock:
-    """FFmpeg's best-effort frame timestamp (its guess_correct_pts): the pts, unless the pts run
-    backwards more often than the decode times do, as in an AVI with B-frames, which has no pts."""
-
-    def __init__(self):
-        self.faults, self.last = [0, 0], [None, None]
-
-    def __call__(self, frame) -> int | None:
-        for k, ts in enumerate((frame.pts, frame.dts)):
-            if ts is not None:
-                self.faults[k] += self.last[k] is not None and ts <= self.last[k]
-                self.last[k] = ts
-        if frame.pts is not None and (frame.dts is None or self.faults[0] <= self.faults[1]):
-            return frame.pts
-        return frame.dts
-
-
 def _decode_packet(packet) -> list | None:
     """The packet's frames, or None when the decoder rejects it.
 
@@ -408,25 +583,24 @@ def _demux_only(container, wanted) -> None:
         s.discard = av.stream.Discard.default if s.index in keep else av.stream.Discard.all
 
 
-def _seek(container, video, t: float, origin: float, wanted) -> None:
-    """Go to the video keyframe at or before time t, reading only the `wanted` streams.
+def _seek(container, video, t: float) -> None:
+    """Go to the video keyframe at or before time t > 0 (seconds from the first frame).
 
     Containers without an index (MPEG-TS) can only guess where t is and may land after it;
-    _pick notices and starts over from the beginning. Time 0 is a rewind, exact everywhere.
+    the callers notice and read from time 0 instead.
     """
-    _demux_only(container, wanted)
-    if t > 0:
-        container.seek(int(np.floor((t + origin) / video.time_base)), stream=video)
-    else:
-        container.seek(0)
+    container.seek(int(np.floor((t + _origin(video)) / video.time_base)), stream=video)
 
 
 def _letterbox(frame, size: int, sar: float) -> np.ndarray:
-    """Scale the whole frame into size x size (swscale, straight to RGB), keep aspect, pad black."""
+    """The frame as a player shows it, in size x size: turned as its display matrix says,
+    scaled whole (swscale, straight to RGB) with its display aspect kept, padded black."""
     width, height = frame.width * sar, frame.height
     scale = size / max(width, height)
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
     rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+    rgb = np.rot90(rgb, round(frame.rotation / 90) % 4)  # counterclockwise quarter turns
+    h, w = rgb.shape[:2]
     out = np.zeros((size, size, 3), np.uint8)
     top, left = (size - h) // 2, (size - w) // 2
     out[top : top + h, left : left + w] = rgb
@@ -438,8 +612,22 @@ def _check_pixels(width: int, height: int, spec: DecodeSpec) -> None:
         raise DecodeError("too_large", f"{width}x{height} frames > max_pixels {spec.max_pixels}")
 
 
+def _check_duration(t: float, spec: DecodeSpec) -> None:
+    if t > spec.max_duration_s:
+        raise DecodeError("too_long", f"streams run past max_duration_s {spec.max_duration_s:g}")
+
+
+def _origin(video) -> float:
+    """Time 0: the video's first frame, in the container's clock."""
+    return _seconds(video.start_time, video) or 0.0
+
+
 def _seconds(value, stream) -> float | None:
     return None if value is None else float(value * stream.time_base)
+
+
+def _decode_error(e: Exception) -> DecodeError:
+    return e if isinstance(e, DecodeError) else DecodeError("undecodable", _short(e))
 
 
 def _short(e: Exception) -> str:

@@ -4,6 +4,10 @@ Tests, benchmarks and the quickstart need real encoded media (H.264 + AAC throug
 every decoder path is exercised), but no dataset can be downloaded here. Each class gets its own
 dominant colour and its own tone pitch, with per-clip jitter, a moving block and noise, so a small
 model can learn the task from either modality, and a broken modality shows up as lost accuracy.
+
+Web video comes in many containers and is not always stored the way it is shown, so a clip can be
+written in every container the decoder accepts (with the codecs usually found in it) and stored
+turned, with a display matrix that turns it back, as phones do.
 """
 
 from __future__ import annotations
@@ -36,7 +40,30 @@ class SyntheticClip:
     audio: bool = True
     sample_rate: int = 16000
     seed: int = 0
-    container: str = "mp4"  # mp4, mkv, mov, webm (webm uses VP8 + Opus)
+    container: str = "mp4"  # a key of CONTAINERS (the file extension)
+    rotation: int = 0  # degrees counterclockwise a player turns the stored picture (0, 90, 180, 270)
+    keyint: int = 0  # frames from one keyframe to the next; 0: the encoder's default
+
+
+# Container (file extension) -> (FFmpeg muxer, video encoder, audio encoder, audio rate or None
+# for the clip's own). MPEG-1/2 video needs an MPEG frame rate (24, 25, 30, ...); FLV's classic
+# pair is Sorenson H.263 and MP3, whose FLV rates are 11/22/44 kHz.
+CONTAINERS = {
+    "mp4": ("mp4", "libx264", "aac", None),
+    "m4v": ("ipod", "libx264", "aac", None),
+    "mov": ("mov", "libx264", "aac", None),
+    "3gp": ("3gp", "libx264", "aac", None),
+    "mkv": ("matroska", "libx264", "aac", None),
+    "webm": ("webm", "libvpx", "libopus", 48000),
+    "avi": ("avi", "mpeg4", "libmp3lame", None),
+    "flv": ("flv", "flv", "libmp3lame", 22050),
+    "ts": ("mpegts", "libx264", "aac", None),
+    "mpg": ("mpeg", "mpeg1video", "mp2", None),
+    "mpeg": ("mpeg", "mpeg2video", "mp2", None),
+    "ogv": ("ogg", "libvpx", "libopus", 48000),
+    "wmv": ("asf", "wmv2", "wmav2", None),
+    "asf": ("asf", "msmpeg4", "wmav2", None),
+}
 
 
 def render_clip(spec: SyntheticClip, dest: str | Path | BinaryIO | None = None) -> bytes | None:
@@ -52,25 +79,45 @@ def render_clip(spec: SyntheticClip, dest: str | Path | BinaryIO | None = None) 
 def _encode(spec: SyntheticClip, target) -> None:
     rng = np.random.default_rng(spec.seed)
     cls = CLASSES.index(spec.label)
-    webm = spec.container == "webm"
-    fmt = {"mkv": "matroska", "mov": "mov", "webm": "webm"}.get(spec.container, "mp4")
-    with av.open(target, mode="w", format=fmt) as out:
+    fmt, video_codec, audio_codec, audio_rate = CONTAINERS[spec.container]
+    turns = spec.rotation // 90
+    if spec.rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90 degrees, got {spec.rotation}")
+    # AVI counts frames instead of timing them: moving every stream later to make the MP3
+    # encoder's first (negative) time 0 would put a hole after the first video frame.
+    options = {"avoid_negative_ts": "disabled"} if fmt == "avi" else {}
+    with av.open(target, mode="w", format=fmt, container_options=options) as out:
         rate = Fraction(spec.fps).limit_denominator(1001)
-        video = out.add_stream("libvpx" if webm else "libx264", rate=rate)
-        video.width, video.height, video.pix_fmt = spec.width, spec.height, "yuv420p"
-        if not webm:
+        video = out.add_stream(video_codec, rate=rate)
+        video.width, video.height = (spec.height, spec.width) if turns % 2 else (spec.width, spec.height)
+        video.pix_fmt = "yuv420p"
+        if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        if spec.keyint:
+            video.codec_context.gop_size = spec.keyint
+        if turns % 4:
+            video.set_display_rotation(spec.rotation)
         audio = None
         if spec.audio:
-            audio = out.add_stream("libopus" if webm else "aac", rate=48000 if webm else spec.sample_rate)
+            audio = out.add_stream(audio_codec, rate=audio_rate or spec.sample_rate)
             audio.layout = "mono"
+            if audio_codec == "wmav2":
+                audio.bit_rate = 64000  # it has no default
+        packets = []
         for frame in _video_frames(spec, cls, rng):
-            out.mux(video.encode(frame))
-        out.mux(video.encode())
+            if turns % 4:  # stored turned back: a player's turn by `rotation` shows it upright
+                frame = av.VideoFrame.from_ndarray(np.rot90(frame.to_ndarray(), -turns).copy(), format="rgb24")
+            packets += video.encode(frame)
+        packets += video.encode()
         if audio is not None:
             for frame in _audio_frames(spec, cls, rng, audio):
-                out.mux(audio.encode(frame))
-            out.mux(audio.encode())
+                packets += audio.encode(frame)
+            packets += audio.encode()
+        # Interleaved by time, as real files are (a muxer left to it puts whole seconds of one
+        # stream before the other); each stream's packets keep their order.
+        packets.sort(key=lambda p: float((p.dts if p.dts is not None else p.pts or 0) * p.time_base))
+        for packet in packets:
+            out.mux(packet)
 
 
 def _video_frames(spec: SyntheticClip, cls: int, rng: np.random.Generator):
@@ -96,14 +143,20 @@ def _audio_frames(spec: SyntheticClip, cls: int, rng: np.random.Generator, strea
     wave = 0.4 * np.sin(2 * np.pi * pitch * t) + rng.normal(0, 0.02, size=total)
     wave = wave.astype(np.float32)
     chunk = stream.codec_context.frame_size or 1024
+    sample_format = stream.codec_context.format.name  # what the encoder takes: fltp, s16p, s32p...
+    scale, dtype = _SAMPLE_TYPES[sample_format.rstrip("p")]
     for start in range(0, total, chunk):
         piece = wave[start : start + chunk]
         if len(piece) < chunk:
             piece = np.pad(piece, (0, chunk - len(piece)))
-        frame = av.AudioFrame.from_ndarray(piece[None, :], format="fltp", layout="mono")
+        piece = (piece * scale).astype(dtype)[None, :]
+        frame = av.AudioFrame.from_ndarray(piece, format=sample_format, layout="mono")
         frame.sample_rate = rate
         frame.pts = start
         yield frame
+
+
+_SAMPLE_TYPES = {"flt": (1.0, np.float32), "s16": (32767, np.int16), "s32": (2**31 - 1, np.int32)}
 
 
 def make_dataset(

@@ -1,8 +1,10 @@
 """Decode one video file exactly as the pipelines do, and print what came out as JSON.
 
-The quickest way to see why a clip fails in a job, or what the model will be given: the same
-decoder, the same limits, one file. Prints one JSON object (frames_shape, frame_times in seconds,
-audio_len, ...) and exits 0; bad input prints `error: <reason>: <detail>` and exits 2.
+The quickest way to see why a video fails in a job, or what the model will be given: the same
+decoder, the same limits, the same windows, one file. Prints one JSON object (the video's fields
+and one summary per window: start_s, end_s, frame_times in seconds, audio_len, error) and exits
+0, also when some windows could not be decoded; a video that cannot be decoded at all prints
+`error: <reason>: <detail>` and exits 2.
 """
 
 from __future__ import annotations
@@ -12,20 +14,28 @@ import json
 import os
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec, decode_clip
+from groupemotion_core.media import DecodeSpec, Window, decode_clip, decode_windows
+from groupemotion_core.spec import WINDOW_MODES, WindowPlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = DecodeSpec()
     parser.add_argument("file", metavar="FILE", help="a local video file or an s3:// object")
     parser.add_argument("--frames", type=_at_least(int, 1), default=default.num_frames,
-                        help="frames to sample, evenly spaced in time (default %(default)s)")
+                        help="frames to sample per window, evenly spaced in time (default %(default)s)")
     parser.add_argument("--size", type=_at_least(int, 1), default=default.frame_size,
                         help="side of the square, letterboxed output frames (default %(default)s)")
     parser.add_argument("--seconds", type=_at_least(float, 1e-3), default=default.clip_seconds,
-                        help="length of the clip window in seconds (default %(default)s)")
-    parser.add_argument("--start", type=_at_least(float, 0.0), default=0.0,
-                        help="start of the clip window in seconds (default %(default)s)")
+                        help="length of a window in seconds (default %(default)s)")
+    parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
+                        help="all: windows over the whole video; first: the first window only "
+                             "(default %(default)s)")
+    parser.add_argument("--stride", type=_at_least(float, 1e-3), default=None, metavar="S",
+                        help="seconds between window starts (default: the window length)")
+    parser.add_argument("--max-windows", type=_at_least(int, 1), default=None, metavar="K",
+                        help="at most K windows, spread evenly over the video (default: no cap)")
+    parser.add_argument("--start", type=_at_least(float, 0.0), default=None, metavar="S",
+                        help="decode only the one window that starts at S seconds")
 
 
 def _at_least(kind, low):
@@ -41,15 +51,22 @@ def _at_least(kind, low):
 def run(args: argparse.Namespace) -> int:
     spec = DecodeSpec(num_frames=args.frames, frame_size=args.size, clip_seconds=args.seconds)
     source = _source(args.file, spec)
-    clip = decode_clip(source, spec, start=args.start)
+    plan = WindowPlan(mode=args.windows, stride_s=args.stride, max_windows=args.max_windows)
+    if args.start is None:
+        windows = list(decode_windows(source, spec, plan))
+    elif plan != WindowPlan():
+        raise GroupEmotionError("bad_arguments", "--start decodes one window: leave out --windows, --stride, --max-windows")
+    else:
+        clip = decode_clip(source, spec, start=args.start)
+        windows = [Window(0, 1, args.start, args.start + clip.seconds, clip)]
     summary = {
         "file": args.file,
-        "frames_shape": list(clip.frames.shape),
-        "frame_times": clip.frame_times,
-        "frame_mean_rgb": [round(float(v), 1) for v in clip.frames.reshape(-1, 3).mean(axis=0)],
-        "audio_len": clip.audio_len,
-        "audio_seconds": round(clip.audio_len / spec.sample_rate, 3),
+        "frames_shape": [spec.num_frames, spec.frame_size, spec.frame_size, 3],
         "sample_rate": spec.sample_rate,
+        "clip_seconds": spec.clip_seconds,
+        "seconds": round(_covered([w for w in windows if w.error is None]), 3),
+        "errors": sum(w.error is not None for w in windows),
+        "windows": [_window_summary(w, spec) for w in windows],
     }
     print(json.dumps(summary))
     return 0
@@ -65,6 +82,30 @@ def _source(file: str, spec: DecodeSpec):
     if not os.path.isfile(file):
         raise GroupEmotionError("not_found", f"{file} is not a file")
     return file
+
+
+def _window_summary(window: Window, spec: DecodeSpec) -> dict:
+    summary = {"window": window.index, "start_s": round(window.start_s, 3), "end_s": round(window.end_s, 3)}
+    if window.error is not None:
+        return {**summary, "error": f"{window.error.reason}: {window.error.detail}"}
+    clip = window.clip
+    return {
+        **summary,
+        "frame_times": clip.frame_times,
+        "frame_mean_rgb": [round(float(v), 1) for v in clip.frames.reshape(-1, 3).mean(axis=0)],
+        "audio_len": clip.audio_len,
+        "audio_seconds": round(clip.audio_len / spec.sample_rate, 3),
+        "error": None,
+    }
+
+
+def _covered(windows: list[Window]) -> float:
+    """Seconds of video inside at least one of the windows (they may overlap)."""
+    total, reached = 0.0, 0.0
+    for w in sorted(windows, key=lambda w: w.start_s):
+        total += max(0.0, w.end_s - max(w.start_s, reached))
+        reached = max(reached, w.end_s)
+    return total
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Decoding generated H.264/VP8 + AAC/Opus clips, and every kind of bad input, with real FFmpeg."""
+"""Decoding generated clips in every container a web video comes in, turned or not, and every
+kind of bad input, with real FFmpeg."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groupemotion_core.media import REASONS, DecodeError, DecodeSpec, decode_clip
+from groupemotion_core.media import REASONS, VIDEO_EXTENSIONS, DecodeError, DecodeSpec, decode_clip, decode_windows
 from groupemotion_core.schema import CLASSES
-from groupemotion_core.synthetic import CLASS_COLOURS, CLASS_PITCH_HZ, SyntheticClip, render_clip
+from groupemotion_core.synthetic import CLASS_COLOURS, CLASS_PITCH_HZ, CONTAINERS, SyntheticClip, render_clip
 
 SMALL = DecodeSpec(frame_size=64)
 
@@ -58,6 +59,44 @@ def test_decodes_sizes_rates_and_containers(make_clip, name, label, width, heigh
     assert_evenly_spaced(clip.frame_times, 2.0, 1 / fps)
     centre = clip.frames[:, 24:40, 24:40].reshape(-1, 3)
     assert nearest_class(np.median(centre, axis=0)) == label
+
+
+def test_every_video_extension_can_be_generated():
+    assert sorted(VIDEO_EXTENSIONS) == sorted(CONTAINERS)
+
+
+@pytest.mark.parametrize("container", sorted(CONTAINERS))
+def test_every_container_a_video_object_may_come_in_decodes(make_clip, container):
+    """FLV among them: it cannot seek back to its start, where the decoder once did."""
+    fps = 25 if container in ("mpg", "mpeg") else 10  # MPEG-1/2 video knows only MPEG rates
+    path = make_clip(f"clip.{container}", label="Positive", fps=fps, seconds=2.0)
+
+    [window] = decode_windows(path, SMALL)  # a 2 s video is one window
+
+    clip = window.clip
+    assert clip.seconds == pytest.approx(2.0, abs=1.5 / fps)  # FLV, ASF, TS: no last frame duration
+    assert_evenly_spaced(clip.frame_times, clip.seconds, 1 / fps + 0.03)  # FLV and ASF start video late
+    centre = clip.frames[:, 24:40, 24:40].reshape(-1, 3)
+    assert nearest_class(np.median(centre, axis=0)) == "Positive"
+    assert clip.audio_len == round(clip.seconds * SMALL.sample_rate)
+    pitch = CLASS_PITCH_HZ[CLASSES.index("Positive")]
+    assert 0.88 * pitch <= dominant_hz(clip.audio[: clip.audio_len], SMALL.sample_rate) <= 1.12 * pitch
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270, -90])
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_a_turned_video_comes_out_upright(container, rotation):
+    """Stored turned, with a display matrix saying how a player turns it back (PyAV writes it as
+    FFmpeg reads it: counterclockwise degrees), as a phone stores a video shot upright."""
+    def decoded(turn):
+        clip = SyntheticClip(container=container, width=96, height=64, seconds=1.0, seed=4, rotation=turn)
+        return decode_clip(render_clip(clip), SMALL).frames.astype(np.float32)
+
+    upright, turned = decoded(0), decoded(rotation)
+
+    assert not turned[:, :10].any() and not turned[:, -10:].any()  # landscape: black bars above and below
+    errors = [np.abs(np.rot90(turned, k, axes=(1, 2)) - upright).mean() for k in range(4)]
+    assert errors[0] < 4 and min(errors[1:]) > 8  # the same picture, and no other turn of it
 
 
 def test_every_source_kind_gives_the_same_clip(make_clip):

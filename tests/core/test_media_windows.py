@@ -1,0 +1,159 @@
+"""decode_windows: a whole video in one forward pass, each window exactly the clip decode_clip
+gives for it alone, on generated H.264/VP8/FLV video with AAC/Opus/MP3 audio."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from groupemotion_core.media import DecodeError, DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.spec import FIRST_WINDOW, WindowPlan, plan_windows
+from groupemotion_core.synthetic import SyntheticClip, render_clip
+
+SPEC = DecodeSpec(frame_size=32, clip_seconds=2.0)
+SECONDS = 11.0
+PLANS = {
+    "back_to_back": WindowPlan(),
+    "overlapping": WindowPlan(stride_s=0.75),
+    "sparse": WindowPlan(stride_s=3.5),  # gaps with keyframes in them: sought across
+    "max_windows": WindowPlan(max_windows=3),
+}
+
+
+@pytest.fixture(scope="module")
+def videos() -> dict[str, bytes]:
+    """11 s clips with a keyframe every second; 44.1 kHz audio, so it is resampled. The native
+    AAC encoder fills noise bands from a random generator that the decoder runs on from frame to
+    frame: the audio of a window depends on all that was decoded before it."""
+    def clip(container: str, **kwargs) -> bytes:
+        spec = SyntheticClip(container=container, seconds=SECONDS, fps=10, keyint=10, seed=5, **kwargs)
+        return render_clip(spec)
+
+    return {
+        "mp4": clip("mp4", sample_rate=44100),
+        "ts": clip("ts", sample_rate=44100),  # no index: seeks only guess
+        "flv": clip("flv"),  # FLV cannot seek back to its start
+        "webm": clip("webm"),
+        "mute.mkv": clip("mkv", audio=False),
+    }
+
+
+def assert_same_clip(window, alone):
+    np.testing.assert_array_equal(window.clip.frames, alone.frames)
+    np.testing.assert_array_equal(window.clip.audio, alone.audio)
+    assert window.clip.frame_times == alone.frame_times
+    assert (window.clip.audio_len, window.clip.seconds) == (alone.audio_len, alone.seconds)
+
+
+@pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
+def test_each_window_is_the_clip_decode_clip_gives_alone(videos, plan):
+    data = videos["mp4"]
+    windows = list(decode_windows(data, SPEC, plan))
+
+    spans = plan_windows(SECONDS, SPEC.clip_seconds, plan)
+    assert [(w.index, w.count) for w in windows] == [(i, len(spans)) for i in range(len(spans))]
+    np.testing.assert_allclose([(w.start_s, w.end_s) for w in windows], spans, atol=1e-6)
+    for window in windows:
+        assert window.error is None
+        assert window.clip.audio_len == round((window.end_s - window.start_s) * SPEC.sample_rate)
+        assert all(window.start_s - 0.1 < t < window.end_s for t in window.clip.frame_times)
+        assert_same_clip(window, decode_clip(data, SPEC, window.start_s))
+
+
+@pytest.mark.parametrize("name", ["ts", "flv", "webm", "mute.mkv"])
+def test_containers_that_seek_badly_or_not_at_all_give_the_same_clips(videos, name):
+    data = videos[name]
+    for plan in (PLANS["back_to_back"], PLANS["sparse"]):
+        windows = list(decode_windows(data, SPEC, plan))
+        assert [w.start_s for w in windows] == pytest.approx([i * (plan.stride_s or 2.0) for i in range(len(windows))])
+        for window in windows:
+            # FLV and MPEG-TS store no frame durations: their video ends with its last frame's start
+            assert window.end_s == pytest.approx(min(window.start_s + 2.0, SECONDS), abs=0.11)
+            assert_same_clip(window, decode_clip(data, SPEC, window.start_s))
+            assert (window.clip.audio_len > 0) == (name != "mute.mkv")
+
+
+def test_first_window_plan_reads_only_the_start_of_the_file():
+    data = render_clip(SyntheticClip(seconds=60.0, fps=10, seed=2))
+    reads = []
+
+    class Recorded(io.BytesIO):
+        def read(self, n=-1):
+            chunk = super().read(n)
+            reads.append(len(chunk))
+            return chunk
+
+    [window] = decode_windows(Recorded(data), SPEC, FIRST_WINDOW)
+    assert (window.start_s, window.end_s, window.count) == (0.0, 2.0, 1)
+    assert sum(reads) < len(data) / 2  # headers and the first seconds, a few times; not the minute
+    assert_same_clip(window, decode_clip(data, SPEC))
+
+
+def test_a_pipe_gives_the_same_windows_as_bytes(videos):
+    class Pipe(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            chunk = self.data.read(min(len(buffer), 4096))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    data = videos["mp4"]
+    piped = list(decode_windows(io.BufferedReader(Pipe(data)), SPEC))
+    assert len(piped) == 6
+    for window, expected in zip(piped, decode_windows(data, SPEC)):
+        assert_same_clip(window, expected.clip)
+
+
+def garbled_start(seconds: float) -> bytes:
+    """A 6 s H.264 MKV, keyframes 2 s apart, whose video packets before `seconds` are garbage."""
+    source = render_clip(SyntheticClip(container="mkv", seconds=6.0, fps=10, keyint=20, seed=1))
+    rng = np.random.default_rng(0)
+    garbled = io.BytesIO()
+    with av.open(io.BytesIO(source)) as src, av.open(garbled, "w", format="matroska") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is None:  # the flush packets at the end
+                continue
+            stream = streams[packet.stream.index]
+            if packet.stream.type == "video" and packet.pts * packet.time_base < seconds:
+                garbage = av.Packet(rng.bytes(packet.size))
+                garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
+                garbage.is_keyframe = packet.is_keyframe
+                packet = garbage
+            packet.stream = stream
+            out.mux(packet)
+    return garbled.getvalue()
+
+
+def test_a_window_without_a_picture_is_yielded_with_its_error():
+    data = garbled_start(2.0)  # nothing decodes before the keyframe at 2 s
+    spec = DecodeSpec(frame_size=32, clip_seconds=1.0)
+
+    windows = list(decode_windows(data, spec))
+
+    assert [w.start_s for w in windows] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    for window in windows[:2]:
+        assert window.clip is None and window.error.reason == "undecodable"
+        with pytest.raises(DecodeError) as alone:
+            decode_clip(data, spec, window.start_s)
+        assert str(alone.value) == str(window.error)
+    for window in windows[2:]:
+        assert window.error is None and window.clip.audio_len == spec.audio_samples
+        assert window.clip.frame_times[0] == window.start_s  # a frame every 0.1 s again
+        assert_same_clip(window, decode_clip(data, spec, window.start_s))
+
+
+@pytest.mark.parametrize("data, reason", [(b"", "empty"), (b"not a video, just text\n" * 40, "not_media")])
+def test_a_video_that_fails_as_a_whole_raises_before_any_window(data, reason):
+    windows = decode_windows(data, SPEC)
+    with pytest.raises(DecodeError) as e:
+        next(windows)
+    assert e.value.reason == reason
