@@ -116,7 +116,6 @@ def _no_credentials(tmp_path: Path) -> dict[str, str | None]:
     "command, mistake",
     [
         ("pack", "unreachable"),
-        ("pack", "access_denied"),
         ("infer", "no_credentials"),
         ("infer", "unreachable"),
         ("eval", "no_such_bucket"),
