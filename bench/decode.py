@@ -33,35 +33,41 @@ WIDTH, HEIGHT, FPS, SECONDS, AUDIO_RATE = 1280, 720, 30, 5.0, 44100
 SPEC = DecodeSpec()
 
 
-def make_clip(path: Path, seed: int) -> None:
-    """A web-like 720p clip: a drifting gradient with coloured blobs moving across it."""
+def make_clip(path: Path, seed: int, seconds: float = SECONDS, preset: str = "veryfast") -> None:
+    """A web-like 720p clip: a drifting gradient with coloured blobs moving across it (coming back
+    in at the far edge), and a tone, the audio interleaved with the video as a web video has it."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    frames = int(seconds * FPS)
     base = rng.uniform(40, 200, size=3).astype(np.float32)
     blobs = [(rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(-12, 12), rng.uniform(-6, 6),
               rng.uniform(40, 120), rng.uniform(0, 255, size=3)) for _ in range(6)]
+    # The gradient drifts 8 pixels a frame: every frame is a window on one wide strip.
+    drift = np.outer(np.cos(np.arange(HEIGHT, dtype=np.float32) / 61.0),
+                     np.sin(np.arange(WIDTH + 8 * frames, dtype=np.float32) / 97.0))
+    strip = np.clip(base + 30 * drift[..., None], 0, 255).astype(np.uint8)
+    t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+    wave = (0.3 * np.sin(2 * np.pi * rng.uniform(200, 800) * t)).astype(np.float32)
     with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=FPS, options={"preset": "veryfast", "crf": "23"})
+        video = out.add_stream("libx264", rate=FPS, options={"preset": preset, "crf": "23"})
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         audio = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
-        for i in range(int(SECONDS * FPS)):
-            img = base + 30 * np.sin((x + 8 * i) / 97.0)[..., None] * np.cos(y / 61.0)[..., None]
+        out.start_encoding()
+        chunk, sent = audio.codec_context.frame_size, 0
+        for i in range(frames):
+            img = strip[:, 8 * i : 8 * i + WIDTH].copy()
             for bx, by, vx, vy, r, colour in blobs:
-                cx, cy = bx + vx * i, by + vy * i
-                sl = (slice(max(0, int(cy - r)), int(cy + r)), slice(max(0, int(cx - r)), int(cx + r)))
-                img[sl] = colour
-            frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
+                cx, cy = (bx + vx * i) % WIDTH, (by + vy * i) % HEIGHT
+                img[max(0, int(cy - r)) : int(cy + r), max(0, int(cx - r)) : int(cx + r)] = colour
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             out.mux(video.encode(frame))
+            while sent < min(len(wave), (i + 1) * AUDIO_RATE / FPS):  # the audio of this frame's time
+                piece = np.zeros((2, chunk), np.float32)
+                piece[:, : len(wave[sent : sent + chunk])] = wave[sent : sent + chunk]
+                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, sent, Fraction(1, AUDIO_RATE)
+                out.mux(audio.encode(frame))
+                sent += chunk
         out.mux(video.encode())
-        t = np.arange(int(SECONDS * AUDIO_RATE)) / AUDIO_RATE
-        wave = (0.3 * np.sin(2 * np.pi * rng.uniform(200, 800) * t)).astype(np.float32)
-        chunk = audio.codec_context.frame_size
-        for start in range(0, len(wave), chunk):
-            piece = np.zeros((2, chunk), np.float32)
-            piece[:, : len(wave[start : start + chunk])] = wave[start : start + chunk]
-            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, start, Fraction(1, AUDIO_RATE)
-            out.mux(audio.encode(frame))
         out.mux(audio.encode())
 
 

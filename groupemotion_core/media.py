@@ -39,6 +39,7 @@ from typing import BinaryIO, Iterator, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.spec import DecodeSpec, WindowPlan, plan_windows
@@ -176,11 +177,12 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
 
 def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
     """(seconds from the first frame to the end of the last one, the keyframes' times)."""
-    end, keyframes = None, []
-    for packet, t in _video_packets(container, _video_stream(container, spec), spec):
+    video = _video_stream(container, spec)
+    end, keyframes, tb = None, [], float(video.time_base)
+    for packet, t in _video_packets(container, video, spec):
         if packet.is_keyframe:
             keyframes.append(t)
-        shown_until = t + (_seconds(packet.duration, packet.stream) or 0.0)
+        shown_until = t + (packet.duration or 0) * tb
         end = shown_until if end is None else max(end, shown_until)
     if end is None or end <= 0:
         raise DecodeError("undecodable", "the video stream has no timed packet")
@@ -205,15 +207,15 @@ def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
 
 def _covered(container, video, start: float, spec: DecodeSpec) -> float:
     end = start + spec.clip_seconds
-    video_end = None
+    video_end, tb, origin = None, float(video.time_base), _origin(video)
     for packet, t in _video_packets(container, video, spec):
         # A frame at or after the end fills the window, whatever the packet durations say
         # (MPEG-TS leaves them 0); before it, a frame is on screen until its duration ends.
-        shown_until = end if t >= end else t + (_seconds(packet.duration, video) or 0.0)
+        shown_until = end if t >= end else t + (packet.duration or 0) * tb
         if shown_until > start:
             video_end = max(video_end or shown_until, shown_until)
         decode_order = packet.dts if packet.dts is not None else packet.pts
-        if _seconds(decode_order, video) - _origin(video) >= end:
+        if decode_order * tb - origin >= end:
             break
     if video_end is None:
         raise DecodeError("undecodable", f"no video frame in the window [{start:g}, {end:g}) s")
@@ -224,11 +226,11 @@ def _video_packets(container, video, spec: DecodeSpec):
     """(packet, seconds from the first frame) for each timed video packet read from here on,
     demuxed only: packet timestamps are all it takes to know where the video ends."""
     _demux_only(container, [video])
-    origin = _origin(video)
+    origin, tb = _origin(video), float(video.time_base)
     for packet in container.demux(video):
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is not None:
-            t = _seconds(ts, video) - origin
+            t = ts * tb - origin
             _check_duration(t, spec)
             yield packet, t
 
@@ -318,8 +320,9 @@ class _VideoReader:
         self.stream = _video_stream(container, spec)
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = spec.threads
-        self.origin = _origin(self.stream)
+        self.origin, self.tb = _origin(self.stream), float(self.stream.time_base)
         self.sar = float(self.stream.sample_aspect_ratio or 1)
+        self.reformatter = VideoReformatter()  # one for all the frames it letterboxes: it keeps its scaler
         _demux_only(container, [self.stream])
         self._restart(0.0)
 
@@ -346,14 +349,14 @@ class _VideoReader:
         for packet in self.container.demux(self.stream):
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
-                self.position = _seconds(ts, self.stream) - self.origin
+                self.position = ts * self.tb - self.origin
                 _check_duration(self.position, self.spec)
             for frame in _decode_packet(packet) or ():
                 ts = self.clock(frame)
                 if ts is None:
                     continue
                 _check_pixels(frame.width, frame.height, self.spec)
-                t = _seconds(ts, self.stream) - self.origin
+                t = ts * self.tb - self.origin
                 yield frame, t
                 self.shown = (frame, t)  # after the yield: a window opened by this frame is given it
 
@@ -365,7 +368,7 @@ class _Picture:
     def __init__(self, start: float, length: float, spec: DecodeSpec, video: _VideoReader):
         self.start, self.end = start, start + spec.clip_seconds
         self.targets = start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
-        self.size, self.sar = spec.frame_size, video.sar
+        self.size, self.sar, self.reformatter = spec.frame_size, video.sar, video.reformatter
         self.frames = np.zeros((spec.num_frames, self.size, self.size, 3), np.uint8)
         self.times = [0.0] * spec.num_frames
         self.filled = 0
@@ -395,7 +398,7 @@ class _Picture:
 
     def _take(self, frame, t: float) -> None:
         if self.converted is None or self.converted[0] is not frame:
-            self.converted = (frame, _letterbox(frame, self.size, self.sar))
+            self.converted = (frame, _letterbox(frame, self.size, self.sar, self.reformatter))
         self.frames[self.filled], self.times[self.filled] = self.converted[1], round(t, 6)
         self.filled += 1
 
@@ -429,20 +432,21 @@ def _audio_frames(container, stream, origin: float, spec: DecodeSpec):
     """(frame, seconds from time 0, its length in seconds) for each decoded frame, and
     (None, ...) for each packet the decoder rejects, so that later audio keeps its time."""
     end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+    tb = float(stream.time_base)
     for packet in container.demux(stream):
         ts = packet.pts if packet.pts is not None else packet.dts
-        t = None if ts is None else _seconds(ts, stream) - origin  # None: a flush packet
+        t = None if ts is None else ts * tb - origin  # None: a flush packet
         if t is not None:
             _check_duration(t, spec)
         frames = _decode_packet(packet)
         if frames is None:
             if packet.duration and t is not None:
-                gap = _seconds(packet.duration, stream)
+                gap = packet.duration * tb
                 end = None if end is None else end + gap
                 yield None, t, gap
             continue
         for frame in frames:
-            t = end if frame.pts is None else _seconds(frame.pts, stream) - origin
+            t = end if frame.pts is None else frame.pts * tb - origin
             if t is not None:
                 end = t + frame.samples / frame.sample_rate
                 yield frame, t, frame.samples / frame.sample_rate
@@ -486,7 +490,8 @@ class _Sound:
         return samples[skip:]
 
     def _resample(self, frame) -> None:
-        self.chunks.extend(f.to_ndarray()[0] for f in self.resampler.resample(frame))
+        for mono in self.resampler.resample(frame):  # packed float32, one channel
+            self.chunks.append(np.frombuffer(mono.planes[0], np.float32, mono.samples))
 
 
 class _FrameClock:
@@ -592,13 +597,13 @@ def _seek(container, video, t: float) -> None:
     container.seek(int(np.floor((t + _origin(video)) / video.time_base)), stream=video)
 
 
-def _letterbox(frame, size: int, sar: float) -> np.ndarray:
+def _letterbox(frame, size: int, sar: float, reformatter: VideoReformatter) -> np.ndarray:
     """The frame as a player shows it, in size x size: turned as its display matrix says,
     scaled whole (swscale, straight to RGB) with its display aspect kept, padded black."""
     width, height = frame.width * sar, frame.height
     scale = size / max(width, height)
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+    rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
     rgb = np.rot90(rgb, round(frame.rotation / 90) % 4)  # counterclockwise quarter turns
     h, w = rgb.shape[:2]
     out = np.zeros((size, size, 3), np.uint8)
@@ -623,7 +628,7 @@ def _origin(video) -> float:
 
 
 def _seconds(value, stream) -> float | None:
-    return None if value is None else float(value * stream.time_base)
+    return None if value is None else value * float(stream.time_base)
 
 
 def _decode_error(e: Exception) -> DecodeError:
