@@ -273,10 +273,11 @@ def test_bad_input_gives_its_reason(tmp_path, data, spec, reason):
     path = tmp_path / "clip.mp4"  # the name lies for every non-video here: content decides
     path.write_bytes(data)
     for source in (data, path):
-        with pytest.raises(DecodeError) as e:
-            decode_clip(source, spec)
-        assert e.value.reason == reason
-        assert e.value.detail and len(e.value.detail) < 200 and "\n" not in e.value.detail
+        for decode in (lambda: decode_clip(source, spec), lambda: next(decode_windows(source, spec))):
+            with pytest.raises(DecodeError) as e:
+                decode()  # decode_windows: before its first window
+            assert e.value.reason == reason
+            assert e.value.detail and len(e.value.detail) < 200 and "\n" not in e.value.detail
 
 
 def test_damaged_bytes_give_a_clip_or_a_decode_error_never_another_exception():

@@ -149,11 +149,3 @@ def test_a_window_without_a_picture_is_yielded_with_its_error():
         assert window.error is None and window.clip.audio_len == spec.audio_samples
         assert window.clip.frame_times[0] == window.start_s  # a frame every 0.1 s again
         assert_same_clip(window, decode_clip(data, spec, window.start_s))
-
-
-@pytest.mark.parametrize("data, reason", [(b"", "empty"), (b"not a video, just text\n" * 40, "not_media")])
-def test_a_video_that_fails_as_a_whole_raises_before_any_window(data, reason):
-    windows = decode_windows(data, SPEC)
-    with pytest.raises(DecodeError) as e:
-        next(windows)
-    assert e.value.reason == reason
