@@ -13,10 +13,11 @@ only across a gap that holds a keyframe (sparse windows) and holding only the wi
 open, so memory does not grow with the video's length.
 
 Both fill a window with the same machinery, fed the same decoded frames, so a window's clip is the
-same array either way: its pictures come from the frames after its start (a video decoder starts
-clean at every keyframe), its audio from a read of the audio track that always starts at time 0
-(an audio decoder never starts clean: see `_fill`), resampled by a resampler of its own. Reading
-from time 0 opens the input afresh rather than seeking back: some containers (FLV) cannot.
+same array either way: its pictures are the frames from the one on screen at its start on (a
+video decoder starts clean at every keyframe, so where the read started changes none of them),
+its audio comes from a read of the audio track that always starts at time 0 (an audio decoder
+never starts clean: see `_fill`), resampled by a resampler of its own. Reading from time 0 opens
+the input afresh rather than seeking back: some containers (FLV) cannot.
 
 Pictures are shown as a player shows them: the display matrix's rotation applied (a phone video
 stored sideways comes out upright), then the display aspect ratio kept (letterbox).
@@ -102,6 +103,9 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     becomes silence, its picture is concealed or the one before stays on screen), and a truncated
     file whose container still reads (Matroska, WebM) gives the part that is there; one whose
     index is gone (an MP4 cut before its moov box) is undecodable.
+
+    The audio is decoded from time 0 whatever `start` is (see `_fill`): a late window costs the
+    audio before it, which is little next to its video.
 
     Raises DecodeError for any bad input. An OSError reading a path or file object is the
     storage's fault, not the media's, and a negative `start` the caller's: both raise as they are.
