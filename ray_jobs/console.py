@@ -90,3 +90,77 @@ class Progress:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Relay:
+    """Lines that Ray workers write for the person at the console, printed once by the driver.
+
+    A worker's own stdout reaches the console only through Ray's log forwarding, which is off
+    unless --verbose (`runtime.ensure_ray`); and with it on, Ray Train's patched `print` shows
+    every line twice (once as stdout, once through Train's logger on stderr). So workers hand
+    their lines to `sender` (picklable, goes in the train loop config), a queue actor that holds
+    no CPU, and a thread of the driver prints them to `stream` (None: stdout at that moment) as
+    they come. Use as a context manager around the work; leaving it prints what is left.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, poll_s: float = 0.5):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        self._stream = stream
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="console-relay", daemon=True)
+        self._thread.start()
+
+    @property
+    def sender(self) -> "RelaySender":
+        return RelaySender(self._queue)
+
+    def __enter__(self) -> "Relay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        from ray.util.queue import Empty
+
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                self._print(self._queue.get_nowait())
+            except Empty:
+                break
+        self._queue.shutdown()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._print(self._queue.get(timeout=self._poll_s))
+            except Empty:
+                continue
+
+    def _print(self, line: str) -> None:
+        print(line, file=self._stream or sys.stdout, flush=True)
+
+
+class RelaySender:
+    """The worker's end of a Relay: `sender(line)`. Without its driver (gone, or closed), the line
+    goes to this worker's own log: a console line is never worth failing the work for."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def __call__(self, line: str) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            self._queue.put_nowait(line)
+        except RayActorError:
+            print(line, flush=True)

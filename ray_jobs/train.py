@@ -13,6 +13,14 @@ What lands under --output (a local folder or s3://bucket/prefix):
   best/             the best epoch by validation accuracy in the core's checkpoint format,
                     ready for `groupemotion infer` and `groupemotion eval`
 
+Decode once: with --cache URI (local or s3://) each split is decoded once into a cache of decoded
+clips (`ray_jobs.clip_cache`: JPEG frames at most a quarter of their raw size, 16-bit audio)
+before training starts, and every epoch reads the cache, as does every later run with the
+same inputs and decode settings; a changed input, spec or decoder makes a new cache entry.
+
+The console shows the job's own lines, one per epoch; Ray's own output goes to its session log
+files unless --verbose.
+
 Faults: run the same command again with the same --output and it resumes from the latest
 checkpoint (it prints the epoch it continues at; --epochs may be raised to train longer). A worker
 that dies is replaced and the run continues from the latest checkpoint, up to --max-failures
@@ -50,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run folder (local or s3://); reusing it resumes the run")
     data.add_argument("--decode-cpus", type=float, default=1.0, metavar="N",
                       help="CPUs reserved by each decode task (default: %(default)s)")
+    data.add_argument("--cache", metavar="URI",
+                      help="a cache of decoded clips (local or s3://): each split is decoded into it "
+                           "once, and every epoch, and every later run with the same inputs and "
+                           "decode settings, reads it instead of decoding again")
 
     model = parser.add_argument_group("model").add_mutually_exclusive_group()
     model.add_argument("--preset", choices=("tiny", "paper"), default="paper",
@@ -89,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fail-once-at-epoch", type=int, metavar="E",
                         help="testing switch: the last worker exits in the middle of epoch E, once "
                              "per output folder, to exercise recovery")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Ray Data's and Ray Train's own output on the console "
+                             "(otherwise it goes to the Ray session's log files)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Embedded Ray: room for the train workers plus a decode actor for each dataset at least, or
     # nothing would feed them.
-    ray = ensure_ray(min_cpus=args.workers + 2 * math.ceil(args.decode_cpus))
+    ray = ensure_ray(min_cpus=args.workers + 2 * math.ceil(args.decode_cpus), verbose=args.verbose)
     _check_resources(ray, args)
 
     run_config = _resolved_config(args, cfg)
@@ -116,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[train] all {args.epochs} epochs are done already; exporting the best epoch", flush=True)
         result = previous
     else:
-        result = _trainer(args, cfg, run_config).fit()
+        from ray_jobs.console import Relay
+
+        datasets = _datasets(args, cfg)
+        with Relay() as relay:
+            result = _trainer(args, run_config, datasets, relay.sender).fit()
     _export_best(result, args.output)
     return 0
 
@@ -172,7 +191,7 @@ def _resolved_config(args: argparse.Namespace, cfg) -> dict[str, Any]:
     return {
         "pretrained": describe(args.pretrained_vision, args.pretrained_audio),
         "model": cfg.to_dict(),
-        "data": {"train": list(args.train), "val": list(args.val)},
+        "data": {"train": list(args.train), "val": list(args.val), "cache": args.cache},
         "training": {
             "workers": args.workers, "gpu": args.gpu, "epochs": args.epochs,
             "batch_size_per_worker": args.batch_size, "grad_accum": args.grad_accum,
@@ -218,19 +237,36 @@ def _previous_result(output: str):
         return None
 
 
-def _trainer(args: argparse.Namespace, cfg, run_config: dict[str, Any]):
+def _datasets(args: argparse.Namespace, cfg) -> dict[str, Any]:
+    """The `train` and `val` ClipRow datasets (one window per labelled clip): from the decode
+    stage, or with --cache from the cache, which is filled first (decode -> cache -> train)."""
+    from groupemotion_core.spec import FIRST_WINDOW
+    from ray_jobs.decode_stage import decode_dataset
+    from ray_jobs.sources import read_sources
+
+    spec = cfg.decode_spec()
+    splits = (("train", args.train), ("val", args.val))
+    if not args.cache:
+        return {split: decode_dataset(read_sources(uris), spec, FIRST_WINDOW, num_cpus=args.decode_cpus)
+                for split, uris in splits}
+    from ray_jobs.clip_cache import ClipCache
+
+    cache = ClipCache(args.cache, spec, FIRST_WINDOW)
+    datasets = {}
+    for split, uris in splits:
+        units = cache.units(uris)
+        stats = cache.fill(units, decode_cpus=args.decode_cpus, title=f"[train] decoding {split} into the cache")
+        print(f"[train] cache {split}: {stats.line()}; {cache.root}", flush=True)
+        datasets[split] = cache.dataset(units)
+    return datasets
+
+
+def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dict[str, Any], console):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.decode_stage import decode_dataset
-    from ray_jobs.sources import read_sources
     from ray_jobs.train_loop import train_func_per_worker
 
-    spec = cfg.decode_spec()
-    datasets = {
-        split: decode_dataset(read_sources(uris), spec, num_cpus=args.decode_cpus)
-        for split, uris in (("train", args.train), ("val", args.val))
-    }
     loop_config = {
         "model": run_config["model"],
         "epochs": args.epochs,
@@ -243,6 +279,7 @@ def _trainer(args: argparse.Namespace, cfg, run_config: dict[str, Any]):
         "pretrained_audio": args.pretrained_audio,
         "output": args.output,
         "fail_once_at_epoch": args.fail_once_at_epoch,
+        "console": console,
     }
     return TorchTrainer(
         train_func_per_worker,

@@ -14,6 +14,9 @@ Why some of it looks the way it does:
   not averaged per worker, so they equal what one process would compute on the whole val set.
 - Checkpoints are safetensors + JSON only: the model in the core's format, the optimizer's
   tensors in one safetensors file and the rest of its state dict in JSON. Nothing is pickled.
+- Lines for the person at the console (each epoch's metrics, a resume, an injected fault) go
+  to the driver through `console.Relay`, which prints each once; a worker's own stdout goes to
+  its log file unless the job runs with --verbose.
 - Fault injection (`fail_once_at_epoch`) is part of the config, as in Ray's examples: one worker
   exits mid-epoch, once; a marker object in the output makes "once" survive the restart.
 """
@@ -100,8 +103,8 @@ def _setup(config: dict[str, Any]) -> _Run:
             with open(os.path.join(directory, TRAIN_STATE)) as f:
                 train_state = json.load(f)
         if rank == 0:
-            print(f"[train] worker group resumes from the checkpoint of epoch {train_state['epoch']}: "
-                  f"continuing at epoch {train_state['epoch'] + 1} of {config['epochs']}", flush=True)
+            _say(config, f"[train] worker group resumes from the checkpoint of epoch {train_state['epoch']}: "
+                         f"continuing at epoch {train_state['epoch'] + 1} of {config['epochs']}")
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(getattr(model, "module", model), lr=config["lr"])
@@ -109,6 +112,16 @@ def _setup(config: dict[str, Any]) -> _Run:
         optimizer.load_state_dict(optimizer_state)
     return _Run(config, model, optimizer, device, rank, world_size,
                 start_epoch=int(train_state["epoch"]), history=list(train_state["history"]))
+
+
+def _say(config: dict[str, Any], line: str) -> None:
+    """A line for the person at the console: through the driver's relay (`console.Relay`, in the
+    config as `console`), which prints it once; to this worker's log without one."""
+    sender = config.get("console")
+    if sender is None:
+        print(line, flush=True)
+    else:
+        sender(line)
 
 
 def _epoch_seed(run: _Run, epoch: int) -> int:
@@ -244,7 +257,7 @@ def _maybe_inject_fault(run: _Run, epoch: int, micro: int) -> None:
     if storage.exists(marker):
         return
     storage.write_bytes_atomic(marker, json.dumps({"epoch": epoch, "rank": run.rank}).encode())
-    print(f"[train] fault injection: rank {run.rank} exits in the middle of epoch {epoch}", flush=True)
+    _say(run.config, f"[train] fault injection: rank {run.rank} exits in the middle of epoch {epoch}")
     os._exit(1)
 
 
@@ -302,7 +315,7 @@ def _report(run: _Run, epoch: int, train_stats: dict, val_metrics: dict) -> None
             json.dump({"epoch": epoch, "seed": run.config["seed"], "history": run.history}, f, indent=1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"epoch_{epoch:04d}")
-    print(_format_epoch(metrics, run.config["epochs"]), flush=True)
+    _say(run.config, _format_epoch(metrics, run.config["epochs"]))
     # Rewritten whole (object stores cannot append) from the history the checkpoint carries, so
     # it always lists exactly the epochs a resumed run builds on.
     lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in run.history)

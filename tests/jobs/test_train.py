@@ -88,6 +88,9 @@ def test_training_learns_the_classes(s3_run):
     assert max(m["val_accuracy"] for m in history) > 0.6  # chance is 1/3
     assert set(last["val_per_class_recall"]) == set(CLASSES)
     assert "[train] best epoch " in s3_run["stdout"] and f"{s3_run['output']}/best" in s3_run["stdout"]
+    # One line per epoch, once: the workers' own output is not what carries it.
+    for epoch in range(1, EPOCHS + 1):
+        assert s3_run["stdout"].count(f"[train] epoch {epoch}/{EPOCHS}: ") == 1
 
 
 def test_checkpoints_and_config_land_on_s3(s3_run):
@@ -152,6 +155,34 @@ def test_a_worker_that_dies_mid_epoch_does_not_stop_the_run(ray_session, data, t
     assert [m["epoch"] for m in history] == [1, 2]  # epoch 2 was redone after the restart
     assert (output / "checkpoints" / "epoch_0002" / "train_state.json").exists()
     load_checkpoint(output / "best")
+
+
+def test_training_through_the_cache_decodes_once_for_every_epoch_and_run(s3_run, data, tmp_path: Path, capsys):
+    cache = str(tmp_path / "cache")
+    capsys.readouterr()
+    assert train(data, str(tmp_path / "first"), "--epochs", "1", "--cache", cache) == 0
+    first = capsys.readouterr().out
+    train_clips = TRAIN_PER_CLASS * len(CLASSES) + BROKEN_TRAIN_CLIPS
+    assert re.search(rf"\[train\] cache train: 0 of (\d+) units reused, \1 decoded \({train_clips} videos, "
+                     rf"{BROKEN_TRAIN_CLIPS} errors", first), first
+    assert re.search(r"\[train\] cache val: 0 of (\d+) units reused, \1 decoded", first), first
+
+    # A later run on the same inputs and spec, of two epochs: nothing is decoded again.
+    assert train(data, str(tmp_path / "second"), "--epochs", "2", "--cache", cache) == 0
+    second = capsys.readouterr().out
+    for split in ("train", "val"):
+        assert re.search(rf"\[train\] cache {split}: (\d+) of \1 units reused, 0 decoded;", second), second
+    assert [second.count(f"[train] epoch {e}/2: ") for e in (1, 2)] == [1, 1]
+
+    # The same metrics as training from the decode stage, over the same clips.
+    reference = metrics_lines(s3_run["fs"], f"{s3_run['output']}/metrics.jsonl")[0]
+    for run in ("first", "second"):
+        history = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert history[0].keys() == reference.keys()
+        for key in ("train_clips", "train_skipped_errors", "train_skipped_unlabelled", "val_count",
+                    "val_skipped_errors", "val_skipped_unlabelled"):
+            assert history[-1][key] == reference[key], key
+        assert sum(map(sum, history[-1]["val_confusion"])) == reference["val_count"]
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
