@@ -26,9 +26,10 @@ from the supervisor (the last for an unexpected exception inside the decoder, wh
 goes to the child's stderr). A shard-end marker (`SourceRow.SHARD_END`) passes through as a
 ClipRow with `window` = ClipRow.SHARD_END.
 
-The child is started with the `spawn` method (never `fork`: a Ray worker is multi-threaded) and
-talks over a pipe with a fixed framing, no pickle on the way back: the video bytes go in; a JSON
-header per window, then its raw frame and audio buffers, come out, their sizes checked against the
+The child is a fresh interpreter running `ray_jobs.decode_child` (never a `fork`: a Ray worker is
+multi-threaded; nor a multiprocessing spawn, which would import Ray in the child too) and talks
+over two pipes with a fixed framing, no pickle either way: the video bytes go in; a JSON header
+per window, then its raw frame and audio buffers, come out, their sizes checked against the
 DecodeSpec.
 
 Fault injection, for tests and drills: `GROUPEMOTION_FAULT_INJECT="crash:<substring>,hang@2:<substring>"`
@@ -43,11 +44,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
-import threading
+import subprocess
+import sys
 import time
-import traceback
+from multiprocessing.connection import Connection
 from typing import Iterator
 
 import numpy as np
@@ -59,6 +60,7 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media import DecodedClip, DecodeSpec, Window
 from groupemotion_core.schema import UNKNOWN_LABEL, ClipRow, SourceRow, label_index
 from groupemotion_core.spec import WindowPlan
+from ray_jobs.decode_child import audio_bytes, frame_bytes
 
 FAULT_INJECT_ENV = "GROUPEMOTION_FAULT_INJECT"
 _FAULT_MODES = ("crash", "hang")
@@ -222,14 +224,12 @@ class SupervisedDecoder:
         self._plan = plan
         self._timeout_s = timeout_s
         self._faults = faults
-        self._ctx = multiprocessing.get_context("spawn")
-        self._process = None
-        self._conn = None
+        self._process = self._inbox = self._outbox = None
         self._exitcode = None  # of the last child stopped, for the `crashed` detail
         self._start()
 
     def windows(self, key: str, video: bytes) -> Iterator[Window]:
-        if self._process is not None and not self._process.is_alive():  # died between two videos
+        if self._process is not None and self._process.poll() is not None:  # died between two videos
             self._stop()
         if self._process is None:
             self._start()
@@ -271,8 +271,8 @@ class SupervisedDecoder:
 
     def _send(self, key: str, video: bytes) -> GroupEmotionError | None:
         try:
-            self._conn.send_bytes(key.encode("utf-8"))
-            self._conn.send_bytes(video)
+            self._outbox.send_bytes(key.encode("utf-8"))
+            self._outbox.send_bytes(video)
         except OSError:
             return self._crashed()
         return None
@@ -287,8 +287,8 @@ class SupervisedDecoder:
         error = None
         clip = None
         if header["ok"]:
-            frames = np.frombuffer(self._receive(None, _frame_bytes(s)), np.uint8)
-            audio = np.frombuffer(self._receive(None, _audio_bytes(s)), np.float32)
+            frames = np.frombuffer(self._receive(None, frame_bytes(s)), np.uint8)
+            audio = np.frombuffer(self._receive(None, audio_bytes(s)), np.float32)
             clip = DecodedClip(
                 frames=frames.reshape(s.num_frames, s.frame_size, s.frame_size, 3),
                 audio=audio,
@@ -305,18 +305,23 @@ class SupervisedDecoder:
         """The next message; _Timeout past `deadline`. Only a window's header waits on the
         decoder; the buffers after it are already on their way."""
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._conn.poll(wait):
+        if not self._inbox.poll(wait):
             raise _Timeout
-        return self._conn.recv_bytes(max_bytes)
+        return self._inbox.recv_bytes(max_bytes)
 
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._process = self._ctx.Process(
-            target=_child_main, args=(child, self._spec, self._plan, self._faults, os.getpid()), daemon=True
+        to_child, from_parent = os.pipe()
+        to_parent, from_child = os.pipe()
+        config = {"spec": dataclasses.asdict(self._spec), "plan": dataclasses.asdict(self._plan),
+                  "faults": self._faults, "parent": os.getpid()}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "ray_jobs.decode_child", str(to_child), str(from_child), json.dumps(config)],
+            pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL,
         )
-        self._process.start()
-        child.close()
-        self._conn = parent
+        os.close(to_child)
+        os.close(from_child)
+        self._inbox = Connection(to_parent, writable=False)
+        self._outbox = Connection(from_parent, readable=False)
         try:
             self._receive(time.monotonic() + _STARTUP_TIMEOUT_S, 16)  # "ready"
         except (_Timeout, EOFError, OSError):
@@ -325,91 +330,11 @@ class SupervisedDecoder:
 
     def _stop(self) -> None:
         self._process.kill()
-        self._process.join(10)
-        self._exitcode = self._process.exitcode
-        self._conn.close()
-        self._process = self._conn = None
+        self._exitcode = self._process.wait(10)
+        self._inbox.close()
+        self._outbox.close()
+        self._process = self._inbox = self._outbox = None
 
 
 class _Timeout(Exception):
     """No reply in time (not TimeoutError: that is an OSError, which here means a broken pipe)."""
-
-
-def _frame_bytes(spec: DecodeSpec) -> int:
-    return spec.num_frames * spec.frame_size * spec.frame_size * 3
-
-
-def _audio_bytes(spec: DecodeSpec) -> int:
-    return spec.audio_samples * 4
-
-
-def _child_main(conn, spec: DecodeSpec, plan: WindowPlan, faults: tuple[Fault, ...], parent_pid: int) -> None:
-    """The child's loop: key and video in; per window a JSON header, then frames and audio, out;
-    then `end`, or `error` when the decoder stops."""
-    from groupemotion_core.media import decode_windows
-
-    _exit_with_parent(parent_pid)
-    conn.send_bytes(b"ready")
-    while True:
-        try:
-            key = conn.recv_bytes().decode("utf-8")
-            video = conn.recv_bytes()
-        except EOFError:
-            return
-        _inject(key, faults, None)
-        try:
-            for window in decode_windows(video, spec, plan):
-                _inject(key, faults, window.index)
-                _send_window(conn, window, spec)
-        except GroupEmotionError as e:
-            _send_json(conn, {"kind": "error", "reason": e.reason, "detail": e.detail})
-            continue
-        except Exception as e:  # a decoder bug on this input: report it as a value, keep the trace
-            traceback.print_exc()
-            _send_json(conn, {"kind": "error", "reason": "decoder_error", "detail": f"{type(e).__name__}: {e}"})
-            continue
-        _send_json(conn, {"kind": "end"})
-
-
-def _send_window(conn, window: Window, spec: DecodeSpec) -> None:
-    header = {"kind": "window", "index": window.index, "count": window.count,
-              "start_s": float(window.start_s), "end_s": float(window.end_s)}
-    if window.error is not None:
-        _send_json(conn, {**header, "ok": False, "reason": window.error.reason, "detail": window.error.detail})
-        return
-    clip = window.clip
-    frames = np.ascontiguousarray(clip.frames, np.uint8).tobytes()
-    audio = np.ascontiguousarray(clip.audio, np.float32).tobytes()
-    if (len(frames), len(audio)) != (_frame_bytes(spec), _audio_bytes(spec)):
-        detail = f"decode_windows gave frames {clip.frames.shape} and audio {clip.audio.shape}"
-        _send_json(conn, {**header, "ok": False, "reason": "decoder_error", "detail": detail})
-        return
-    _send_json(conn, {**header, "ok": True, "audio_len": int(clip.audio_len),
-                      "frame_times": [float(t) for t in clip.frame_times]})
-    conn.send_bytes(frames)
-    conn.send_bytes(audio)
-
-
-def _send_json(conn, value: dict) -> None:
-    conn.send_bytes(json.dumps(value).encode())
-
-
-def _inject(key: str, faults: tuple[Fault, ...], window: int | None) -> None:
-    for mode, needle, at in faults:
-        if needle in key and at == window:
-            if mode == "crash":
-                os.abort()
-            while True:  # hang
-                time.sleep(3600)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """A child stuck in FFmpeg cannot notice its pipe closing; this thread ends it when the actor
-    that owns it is gone, so a killed actor leaves no orphan decoding forever."""
-
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
