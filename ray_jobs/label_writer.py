@@ -84,7 +84,7 @@ class Summary:
     videos_labelled: int = 0
     windows: int = 0
     windows_labelled: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # by reason: failed videos and failed windows
+    errors: dict[str, int] = field(default_factory=dict)  # by reason: failed windows, and videos failed whole
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,12 +210,14 @@ class LabelWriter:
         s = self.summary
         failed_videos = error_counts(rows.videos)
         failed_windows = error_counts(rows.windows)
+        with_windows = {w[WindowRow.KEY] for w in rows.windows}
+        failed_whole = error_counts(v for v in rows.videos if v[VideoRow.KEY] not in with_windows)
         s.units_committed += 1
         s.videos += videos.num_rows
         s.videos_labelled += videos.num_rows - sum(failed_videos.values())
         s.windows += windows.num_rows
         s.windows_labelled += windows.num_rows - sum(failed_windows.values())
-        for reason, count in (failed_videos + failed_windows).items():
+        for reason, count in (failed_whole + failed_windows).items():
             s.errors[reason] = s.errors.get(reason, 0) + count
         self.on_commit(
             f"committed {unit.name}: {videos.num_rows} videos ({sum(failed_videos.values())} failed), "

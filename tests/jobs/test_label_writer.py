@@ -1,0 +1,91 @@
+"""The exactly-once writer on a stream in no order: each unit commits the moment its last video is
+complete (a shard once its reader's count has come too), videos/ after windows/, nothing twice.
+No Ray: the rows are built here as the prediction stage gives them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
+from ray_jobs import label_writer
+from ray_jobs.label_writer import LabelWriter, Summary, plan_units
+
+SHARD = "s3://b/shards/shard-000000.tar"
+OBJECTS = ["s3://b/videos/x.mp4", "s3://b/videos/y.mp4"]
+
+
+def _batch(*rows: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows))
+
+
+def _window(key: str, window: int, windows: int, error: str | None = None) -> dict:
+    probs = [math.nan] * 3 if error else [0.2, 0.3, 0.5]
+    start = 5.0 * window
+    return {"key": key, "window": window, "windows": windows, "start_s": start, "end_s": start + 5.0,
+            "label": None if error else "Positive", "error": error, "truth": -1, **dict(zip(PROB_COLUMNS, probs))}
+
+
+def test_units_commit_as_they_complete_in_any_order(tmp_path):
+    out = str(tmp_path / "labels")
+    units = plan_units([SHARD, *OBJECTS])
+    assert [u.videos for u in units] == [None, 2]  # a shard's count comes from its reader
+    summary = Summary(units=2)
+    commits: list[str] = []
+    writer = LabelWriter(units, out, "m1", summary, on_commit=commits.append)
+
+    writer.add(_batch(_window(f"{SHARD}/a", 1, 2), _window(OBJECTS[1], 0, 1)))
+    writer.add(_batch(
+        _window(f"{SHARD}/b", ClipRow.WHOLE_VIDEO, 0, error="not_media: no"),
+        _window(SHARD, ClipRow.SHARD_END, 2),  # the shard gave 2 videos
+        _window(OBJECTS[0], 1, 2, error="undecodable: no picture"),
+    ))
+    assert commits == []  # the shard still lacks a's window 0, the group x's window 0
+    writer.add(_batch(_window(OBJECTS[0], 0, 2)))
+    assert len(commits) == 1 and "2 objects" in commits[0]  # the group first: it completed first
+    writer.add(_batch(_window(f"{SHARD}/a", 0, 2)))
+    assert len(commits) == 2 and SHARD in commits[1]
+    writer.finish()
+
+    for unit in units:
+        windows = pq.read_table(f"{out}/windows/{unit.name}")
+        videos = pq.read_table(f"{out}/videos/{unit.name}")
+        assert windows.schema.equals(WindowRow.SCHEMA, check_metadata=False)
+        assert videos.schema.equals(VideoRow.SCHEMA, check_metadata=False)
+    assert label_writer.committed_inputs(out) == {SHARD, *OBJECTS}
+    videos = pd.read_parquet(f"{out}/videos").set_index("key")
+    windows = pd.read_parquet(f"{out}/windows")
+    assert sorted(videos.index) == sorted([f"{SHARD}/a", f"{SHARD}/b", *OBJECTS])
+    assert videos.loc[f"{SHARD}/b", "error"] == "not_media: no" and f"{SHARD}/b" not in set(windows["key"])
+    assert videos.loc[OBJECTS[0], "windows"] == 1 and pd.isna(videos.loc[OBJECTS[0], "error"])
+    assert list(windows.loc[windows["key"] == f"{SHARD}/a", "window"]) == [0, 1]  # in window order
+    assert (summary.videos, summary.windows, summary.windows_labelled) == (4, 5, 4)
+    assert summary.errors == {"not_media": 1, "undecodable": 1}
+
+    with pytest.raises(RuntimeError, match="after its files were committed"):
+        writer.add(_batch(_window(OBJECTS[1], 0, 1)))
+
+
+def test_a_stream_that_ends_short_commits_nothing_more_and_says_so(tmp_path):
+    out = str(tmp_path / "labels")
+    units = plan_units([SHARD])
+    writer = LabelWriter(units, out, "m1", Summary(units=1))
+    writer.add(_batch(_window(f"{SHARD}/a", 0, 2), _window(SHARD, ClipRow.SHARD_END, 1)))
+    with pytest.raises(RuntimeError, match="1 units incomplete"):
+        writer.finish()
+    assert label_writer.part_files(out, "videos") == label_writer.part_files(out, "windows") == []
+
+
+def test_a_windows_file_without_its_videos_file_is_removed(tmp_path):
+    out = tmp_path / "labels"
+    (out / "windows").mkdir(parents=True)
+    (out / "videos").mkdir()
+    for name in ("part-a.parquet", "part-b.parquet"):
+        (out / "windows" / name).write_bytes(b"x")
+    (out / "videos" / "part-a.parquet").write_bytes(b"x")
+    label_writer.remove_uncommitted(str(out))
+    assert sorted(p.name for p in (out / "windows").iterdir()) == ["part-a.parquet"]
