@@ -10,11 +10,14 @@ decodes, from the first second: the model actors (one per GPU, or one CPU actor 
 hold one CPU each, the read tasks share a small reserve (a quarter CPU each, one CPU in sixteen,
 at least one: what the fixed pools leave), and the decode pool is a fixed-size pool of one-CPU
 actors on all the rest (a fixed pool starts every actor at once; an autoscaling one ramps up
-over minutes). The flags
-`--decode-cpus`, `--actors`, `--gpus-per-actor` and `--batch-size` override the sizes. On a local
-Ray, `ensure_ray` gives a small machine at least 4 logical CPUs: on a 2-core laptop that is 2
-decode actors (one FFmpeg thread each, one per core), one model actor and the readers, so both
-cores decode while the model and the readers fill the gaps.
+over minutes). The flags `--decode-cpus`, `--actors`, `--gpus-per-actor` and `--batch-size`
+override the sizes. A decode task is one read block (a few videos, `ray_jobs.sources`), and Ray
+Data keeps a second task queued at each actor, so a decode actor never waits for work while there
+is any; the model actors take `--batch-size` windows a call.
+
+On a local Ray, `ensure_ray` gives a small machine at least 4 logical CPUs: on a 2-core laptop
+that is 2 decode actors (one FFmpeg thread each, one per core), one model actor and the readers,
+so both cores decode while the model and the readers fill the gaps.
 """
 
 from __future__ import annotations
