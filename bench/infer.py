@@ -22,7 +22,8 @@ Then the job once more on 4x the videos, for memory.
 
 Figures: `videos_per_s` of each; `job_vs_ceiling` and `job_vs_naive` (targets >= 0.8 and >= 1.2);
 `cpu_busy_cores`, the CPU time of the process and all its descendants over its wall time (how
-many cores it kept busy); `peak_driver_rss_mib` (the process itself) and `peak_tree_rss_mib`
+many cores it kept busy) and `cpu_s_per_video`, the same CPU time per video, which other work on
+a shared machine does not change the way it changes wall times; `peak_driver_rss_mib` (the process itself) and `peak_tree_rss_mib`
 (summed over its descendants: for the job the raylet, GCS, workers, actors and decoder children;
 shared object-store pages count once per process mapping them, so it is an upper bound), sampled
 every 0.1 s, and their ratio at 4x the videos (target <= 1.2: flat). `ray_data_stats`: the
@@ -88,6 +89,8 @@ def main() -> None:
                                         args.model])
                 naive.update(json.loads(out.strip().splitlines()[-1]))
             runs.append(_job(shards, tmp / f"labels-{n}", tmp / f"ray-{n}", args.model, n))
+        for figures, n in ((ceiling, args.videos), (naive, args.videos), *zip(runs, (args.videos, 4 * args.videos))):
+            figures["cpu_s_per_video"] = round(figures["cpu_busy_cores"] * figures["process_wall_s"] / n, 3)
         job = runs[0]
         report = {
             "bench": "infer",
