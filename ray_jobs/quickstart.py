@@ -86,9 +86,14 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"\ndone in {time.monotonic() - started:.0f} s\n"
-        f"  labels (Parquet): {labels}\n"
+        f"  labels (Parquet): {labels}/videos   one row per video\n"
+        f"                    {labels}/windows  one row per window of a video\n"
         f"  checkpoint:       {run_dir / 'best'}\n"
-        f"  report:           {report}"
+        f"  report:           {report}\n"
+        f"read the labels with pandas:\n"
+        f"  import pandas as pd\n"
+        f"  videos = pd.read_parquet(\"{labels}/videos\")\n"
+        f"  windows = pd.read_parquet(\"{labels}/windows\")"
     )
     return 0
 
