@@ -82,8 +82,8 @@ EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_CACHE_EXIT_AFTER_UNITS"
 # both hold a quarter CPU each, within a reserve (one CPU in sixteen, at least one, for each);
 # the decode actors get every other CPU, all from the start.
 _SMALL_TASK_CPUS = 0.25
-_ROWS_PER_GROUP = 64  # rows of a cache file read (and restored) at once
 _CPUS_PER_RESERVED_CPU = 16
+_ROWS_PER_GROUP = 64  # rows of a cache file read (and restored) at once
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ class ClipCache:
     def missing(self, units: list[Unit]) -> list[Unit]:
         fs, path = storage.filesystem(self.root)
         with storage.classified(self.root):
-            names = {posixpath.basename(p) for p in fs.ls(path, detail=False, refresh=True)} if fs.exists(path) else set()
+            listed = fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
+        names = {posixpath.basename(p) for p in listed}
         return [unit for unit in units if unit.name not in names]
 
     def fill(self, units: list[Unit], *, decode_cpus: float = 1.0, title: str | None = None) -> FillStats:
@@ -425,7 +426,8 @@ def _restore(table: pa.Table, spec: DecodeSpec) -> pa.Table:
     shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
     frames = np.zeros((table.num_rows, *shape), np.uint8)
     audio = np.zeros((table.num_rows, spec.audio_samples), np.float32)
-    for i, (jpeg, pcm) in enumerate(zip(table.column(FRAMES_JPEG).to_pylist(), table.column(AUDIO_PCM16).to_pylist())):
+    stored = zip(table.column(FRAMES_JPEG).to_pylist(), table.column(AUDIO_PCM16).to_pylist())
+    for i, (jpeg, pcm) in enumerate(stored):
         if jpeg is not None:
             frames[i] = decode_frames(jpeg, spec)
         audio[i] = decode_audio(pcm, spec)
