@@ -11,9 +11,15 @@ hold one CPU each, the read tasks share a small reserve (a quarter CPU each, one
 at least one: what the fixed pools leave), and the decode pool is a fixed-size pool of one-CPU
 actors on all the rest (a fixed pool starts every actor at once; an autoscaling one ramps up
 over minutes). The flags `--decode-cpus`, `--actors`, `--gpus-per-actor` and `--batch-size`
-override the sizes. A decode task is one read block (a few videos, `ray_jobs.sources`), and Ray
-Data keeps a second task queued at each actor, so a decode actor never waits for work while there
-is any; the model actors take `--batch-size` windows a call.
+override the sizes. A decode task is one read block of about VIDEOS_PER_DECODE_TASK videos, the
+read's block count set from the inputs' video count (manifests, or one per plain object): a
+second or so of decoding, long enough for Ray Data's cost per task (tens of CPU-milliseconds over
+driver, actor and raylet) to stay small, short enough for the last tasks to spread over the pool.
+Left to itself Ray Data splits a small job's shards into blocks of one video (its 200-block
+default) and leaves a large job's in blocks of up to 128 MiB. Ray Data keeps a second task queued
+at each actor, so a decode actor never waits for work while there is any; the model actors take
+`--batch-size` windows a call. One read task runs at a time per DECODERS_PER_READ_TASK decode
+actors: on a small machine that is one worker process reading, not one per read task at once.
 
 On a local Ray, `ensure_ray` gives a small machine at least 4 logical CPUs: on a 2-core laptop
 that is 2 decode actors (one FFmpeg thread each, one per core), one model actor and the readers,
@@ -37,6 +43,11 @@ TRUTH = "truth"  # prediction rows also carry the ClipRow label index, for evalu
 READ_TASK_CPUS = 0.25
 CPUS_PER_READ_CPU = 16
 MODEL_ACTOR_CPUS = 1
+# One read task at a time feeds this many decode actors: it streams a shard at the store's speed,
+# far faster than they decode it, and every task more at once can cost a worker process more.
+DECODERS_PER_READ_TASK = 4
+# Videos a decode task gets (module docstring).
+VIDEOS_PER_DECODE_TASK = 4
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,10 @@ def predict(
     from ray_jobs.sources import read_sources
 
     # The fixed pools hold their CPUs from the start; the read tasks run in what they leave.
-    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS)
+    videos = video_count(uris)
+    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
+                           concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
+                           blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
     clips = decode_dataset(sources, spec, plan, num_cpus=1, actors=options.decode_cpus)
     gpus = options.gpus_per_actor or 0
     return clips.map_batches(

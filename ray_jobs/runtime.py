@@ -27,7 +27,11 @@ reconfigure:
   controller is alive, and warns when the API is not there, which it never is without a dashboard
   (the embedded Ray starts none: on one machine the whole Ray ends with the job, so there is
   nothing for the cleaner to clean). On the embedded Ray a worker setup hook sets that one
-  logger to ERROR; on a cluster, whose dashboard answers, it stays as it is.
+  logger to ERROR; on a cluster, whose dashboard answers, it stays as it is. The hook is given
+  in Ray's own environment variable for it, which the raylet and so every worker inherit, not as
+  the job's `runtime_env`: a job with a runtime_env gets each worker started through Ray's
+  `setup_worker.py` (one more interpreter start, about half a CPU-second a worker) and cannot
+  use the workers the raylet prestarts while the driver sets up.
 A Ray started by someone else (a notebook, the test suite) keeps its own settings.
 """
 
@@ -82,15 +86,25 @@ def _init(num_cpus: int | None, min_cpus: int, *, verbose: bool) -> None:
     if address:
         ray.init(address=address, configure_logging=False, log_to_driver=verbose)
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or max(4, min_cpus, os.cpu_count() or 1),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-        log_to_driver=verbose,
-        runtime_env=None if verbose else {"worker_process_setup_hook": _WORKER_SETUP_HOOK},
-    )
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    saved = os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR)
+    if not verbose:  # the raylet started below inherits it (module docstring)
+        os.environ[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = _WORKER_SETUP_HOOK
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, min_cpus, os.cpu_count() or 1),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=verbose,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, None)
+        else:
+            os.environ[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = saved
 
 
 def quiet_worker() -> None:

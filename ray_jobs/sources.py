@@ -84,19 +84,22 @@ def read_sources(
     shard_ends: bool = False,
     num_cpus: float | None = None,
     concurrency: int | None = None,
+    blocks: int | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of SourceRows (plus `error` and `shard_end`) for every clip under `uris`.
 
     The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks, each
     holding `num_cpus` (Ray's default: 1), at most `concurrency` at once (default: as resources
-    allow). `labels_csv` labels plain video objects (one it does not name has no label); shards
-    carry their own labels. Objects and members over `max_video_bytes` are not read (an error
-    row). `shard_ends` ends each shard with its marker row (module docstring).
+    allow), and giving `blocks` blocks in all (Ray Data's `override_num_blocks`; default: Ray
+    Data's choice, at least 200). `labels_csv` labels plain video objects (one it does not name
+    has no label); shards carry their own labels. Objects and members over `max_video_bytes` are
+    not read (an error row). `shard_ends` ends each shard with its marker row (module docstring).
     """
     inputs = _expand(uris)
     labels = read_labels_csv(labels_csv) if labels_csv else None
     return ray.data.read_datasource(
-        _SourceDatasource(inputs, labels, max_video_bytes, shard_ends), num_cpus=num_cpus, concurrency=concurrency
+        _SourceDatasource(inputs, labels, max_video_bytes, shard_ends), num_cpus=num_cpus, concurrency=concurrency,
+        override_num_blocks=blocks,
     )
 
 
