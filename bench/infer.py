@@ -2,6 +2,7 @@
 ceiling and a naive loop, side by side in one run, and the job again on 4x the videos.
 
   python bench/infer.py [--videos 200] [--distinct 8] [--model preset:tiny] [--shard-size 20]
+                        [--no-memory-run] [--originals DIR]
 
 Videos: web-like H.264 + AAC clips, 720p and 360p alternately, 5 to 30 s long, 25 fps, moving
 content (a scrolling textured background and drifting shapes, so the encoder works as on a real
@@ -11,24 +12,32 @@ so `--distinct` videos are generated and copied under new names up to --videos; 
 costs what decoding the original does. The videos are packed into tar shards with `pack`.
 Every path decodes the first 5 s window of each video (`--windows first`).
 
-Side by side, each a fresh process:
+Side by side, each a fresh process, all three reading the same shards and decoding the same
+first 5 s of each video with the same DecodeSpec:
 - ceiling: `decode_clip` alone, one process per core (one FFmpeg thread each, as the job's decode
-  actors), over the videos in memory: what the machine can decode at most.
+  actors), fed the videos as the parent reads them from the shards; its rate is timed once the
+  pool's processes are up: what the machine can decode at most.
 - naive: one process, one video after another: read it from its shard, decode it (FFmpeg's own
   threads), run the model on it alone, append its row to a Parquet file.
 - job: the `groupemotion infer` command with its default sizing, on a local Ray it starts itself;
   wall time of the whole command, Ray's start included.
-Then the job once more on 4x the videos, for memory.
+Then the job once more on 4x the videos, for memory, and for the rate once Ray's fixed costs
+(its start, its workers', the model's import) are spread over more videos.
 
 Figures: `videos_per_s` of each; `job_vs_ceiling` and `job_vs_naive` (targets >= 0.8 and >= 1.2);
 `cpu_busy_cores`, the CPU time of the process and all its descendants over its wall time (how
 many cores it kept busy) and `cpu_s_per_video`, the same CPU time per video, which other work on
-a shared machine does not change the way it changes wall times; `peak_driver_rss_mib` (the process itself) and `peak_tree_rss_mib`
-(summed over its descendants: for the job the raylet, GCS, workers, actors and decoder children;
-shared object-store pages count once per process mapping them, so it is an upper bound), sampled
-every 0.1 s, and their ratio at 4x the videos (target <= 1.2: flat). `ray_data_stats`: the
-per-operator lines of Ray Data's statistics for the job (from the job's `ray-data.log`), which
-tell where the time goes.
+a shared machine does not change the way it changes wall times; `peak_driver_rss_mib` (the
+process itself) and `peak_tree_rss_mib` (summed over its descendants: for the job the raylet,
+GCS, workers, actors and decoder children; shared object-store pages count once per process
+mapping them, so it is an upper bound), sampled
+every 0.1 s, and their ratio at 4x the videos (target <= 1.2: flat); `job_4x_vs_ceiling`, the
+rate at 4x the videos against the ceiling's. Where the CPU goes: `cpu_s_by_part`, each run's CPU
+seconds by what its processes were doing (the driver, Ray's daemons, Ray workers starting, Ray
+Data's own actors, read tasks, decode actors around their decoder children, the children, the
+model actors' start and batches), and `ray_data_stats`, the per-operator lines of Ray Data's
+statistics for the job (from the job's `ray-data.log`). `load_1m_before`/`load_1m_after`: the
+machine's load average around each run, other work included.
 
 Prints one JSON object on stdout; the runs' own output goes to stderr.
 """
@@ -64,6 +73,8 @@ def main() -> None:
     parser.add_argument("--model", default="preset:tiny")
     parser.add_argument("--shard-size", type=int, default=20)
     parser.add_argument("--no-memory-run", action="store_true", help="skip the 4x run")
+    parser.add_argument("--originals", type=Path, metavar="DIR",
+                        help="keep the generated videos in DIR and reuse those already there (default: a temp dir)")
     parser.add_argument("--ceiling", nargs=2, metavar=("SHARDS", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--naive", nargs=3, metavar=("SHARDS", "OUTPUT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -75,9 +86,10 @@ def main() -> None:
     from ray_jobs.model_ref import describe_model_ref
 
     spec = describe_model_ref(args.model)[0].decode_spec()
+    load_at_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         tmp = Path(tmp)
-        originals = _generate(tmp / "originals", args.distinct)
+        originals = _generate(args.originals or tmp / "originals", args.distinct)
         ceiling, naive = {}, {}
         runs = []
         for n in (args.videos, 4 * args.videos)[: 1 if args.no_memory_run else 2]:
@@ -99,7 +111,7 @@ def main() -> None:
                        "sizes": [f"{w}x{h}" for w, h in SIZES], "lengths_s": list(LENGTHS_S),
                        "decode_spec": {k: getattr(spec, k) for k in ("num_frames", "frame_size", "clip_seconds")}},
             "machine_cores": os.cpu_count(),
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+            "load_avg_1m_at_start": load_at_start,
             "ceiling": ceiling,
             "naive": naive,
             "job": job,
@@ -108,6 +120,7 @@ def main() -> None:
         }
         if len(runs) == 2:
             report["job_4x"] = runs[1]
+            report["job_4x_vs_ceiling"] = round(runs[1]["videos_per_s"] / ceiling["videos_per_s"], 3)
             report["memory_4x_over_1x"] = {
                 k: round(runs[1][k] / runs[0][k], 3) for k in ("peak_driver_rss_mib", "peak_tree_rss_mib")
             }
@@ -118,14 +131,17 @@ def main() -> None:
 
 
 def _generate(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         width, height = SIZES[i % len(SIZES)]
         path = folder / f"web_{i:03d}_{height}p.mp4"
-        make_web_clip(path, width, height, LENGTHS_S[i % len(LENGTHS_S)], seed=i)
+        if not path.exists():
+            partial = path.with_suffix(".partial.mp4")
+            make_web_clip(partial, width, height, LENGTHS_S[i % len(LENGTHS_S)], seed=i)
+            partial.rename(path)
+            print(f"generated {path.name}", file=sys.stderr, flush=True)
         paths.append(path)
-        print(f"generated {path.name}", file=sys.stderr, flush=True)
     return paths
 
 
@@ -223,14 +239,17 @@ def _ray_data_stats(ray_tmp: Path) -> list[str]:
 
 
 def _ceiling(shards: str, spec_json: str) -> None:
-    """decode_clip alone, one process per core, one FFmpeg thread each; prints its rate as JSON."""
+    """decode_clip alone, one process per core, one FFmpeg thread each, the videos read from the
+    same shards as the other two ways, as the pool takes them; prints its rate as JSON. The
+    pool's start (a fresh interpreter per process) is not in the rate: a ceiling."""
     import multiprocessing
 
-    videos = [data for _, data in _shard_videos(Path(shards))]
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=_pool_init,
                                                    initargs=(spec_json,)) as pool:
+        pool.map(_ready, range(os.cpu_count()), chunksize=1)
         warm = time.perf_counter()
+        videos = (data for _, data in _shard_videos(Path(shards)))
         done = sum(pool.imap_unordered(_decode_one, videos, chunksize=1))
     seconds = time.perf_counter() - warm
     print(json.dumps({"videos_per_s": round(done / seconds, 3), "seconds": round(seconds, 2),
@@ -245,6 +264,12 @@ def _pool_init(spec_json: str) -> None:
     from groupemotion_core.spec import DecodeSpec
 
     _SPEC = DecodeSpec(**{**json.loads(spec_json), "threads": 1})
+
+
+def _ready(_) -> None:
+    import groupemotion_core.media  # noqa: F401  (what every process needs, loaded before the clock starts)
+
+    time.sleep(0.2)  # each process takes one, so all of them are up
 
 
 def _decode_one(data: bytes) -> int:
@@ -302,11 +327,18 @@ def _shard_videos(shards: Path):
 
 
 def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
-    """Run `cmd`, sampling its process tree; return (stdout, figures). Its stderr goes to ours."""
+    """Run `cmd`, sampling its process tree; return (stdout, figures). Its stderr goes to ours.
+
+    Besides the totals, `cpu_s_by_part` splits the tree's CPU seconds by what each process was
+    doing when sampled (`_part`: the driver, Ray's daemons, workers starting, each stage's actors
+    or tasks, the decoder children), which is where a job's CPU goes beside the decoding itself.
+    The 1-minute load average before and after tells how much other work shared the machine."""
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     peaks = {"peak_driver_rss_mib": 0.0, "peak_tree_rss_mib": 0.0}
     cpu: dict[int, float] = {}  # the last CPU seconds seen of every process of the tree
+    by_part: dict[str, float] = {}
     stop = threading.Event()
 
     def sample():
@@ -316,7 +348,11 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
             peaks["peak_driver_rss_mib"] = max(peaks["peak_driver_rss_mib"], rss[proc.pid])
             peaks["peak_tree_rss_mib"] = max(peaks["peak_tree_rss_mib"], sum(rss.values()))
             for pid in pids:
-                cpu[pid] = max(cpu.get(pid, 0.0), _cpu_seconds(pid))
+                seconds = _cpu_seconds(pid)
+                if seconds > cpu.get(pid, 0.0):
+                    role = "driver" if pid == proc.pid else _part(pid)
+                    by_part[role] = by_part.get(role, 0.0) + seconds - cpu.get(pid, 0.0)
+                    cpu[pid] = seconds
             stop.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -328,7 +364,46 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed with exit status {proc.returncode}")
     return out, {"process_wall_s": round(wall, 2), "cpu_busy_cores": round(sum(cpu.values()) / wall, 2),
-                 **{k: round(v, 1) for k, v in peaks.items()}}
+                 **{k: round(v, 1) for k, v in peaks.items()},
+                 "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2),
+                 "cpu_s_by_part": {k: round(v, 2) for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])}}
+
+
+_RAY_DAEMONS = ("gcs_server", "raylet", "dashboard.py", "agent.py", "main.py", "log_monitor.py", "monitor.py",
+                "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+_RAY_DATA_ACTORS = ("ray::_StatsActor", "ray::datasets_stats_actor", "ray::_AutoscalingCoordinatorActor",
+                    "ray::AutoscalingCoordinator", "ray::ActorLocationTracker")
+
+
+def _part(pid: int) -> str:
+    """What a process of the tree is doing, from its command line (a Ray worker's is the title
+    Ray gives it: `ray::<actor or task>`, `ray::IDLE` before it has one)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return "other"
+    if not words:
+        return "other"
+    title = words[0].split(" ")[0]
+    program = os.path.basename(next((w for w in words[1:] if w.endswith(".py")), words[0]))
+    if "ray_jobs.decode_child" in words:
+        return "decoder children"
+    if "_DecodeBatch" in title:
+        return "decode actors (around the children)"
+    if "Predictor" in title:
+        return "model actors: start (torch, model)" if title.endswith(".__init__") else "model actors: batches"
+    if title.startswith("ray::Read"):
+        return "read tasks"
+    if title.startswith(_RAY_DATA_ACTORS):
+        return "Ray Data's own actors"
+    if title == "ray::IDLE" or program in ("default_worker.py", "setup_worker.py"):
+        return "Ray workers starting"
+    if title in _RAY_DAEMONS or program in _RAY_DAEMONS:
+        return "Ray daemons"
+    if "--ceiling" in words or program == "python" or "multiprocessing" in " ".join(words):
+        return "decode pool processes"
+    return program
 
 
 def _descendants(root: int) -> list[int]:

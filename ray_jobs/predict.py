@@ -20,6 +20,8 @@ default) and leaves a large job's in blocks of up to 128 MiB. Ray Data keeps a s
 at each actor, so a decode actor never waits for work while there is any; the model actors take
 `--batch-size` windows a call. One read task runs at a time per DECODERS_PER_READ_TASK decode
 actors: on a small machine that is one worker process reading, not one per read task at once.
+What the stages may hold in the object store is bounded by the decode pool's needs
+(`bound_object_store`), so reading never runs far ahead and memory stays flat as the job grows.
 
 On a local Ray, `ensure_ray` gives a small machine at least 4 logical CPUs: on a 2-core laptop
 that is 2 decode actors (one FFmpeg thread each, one per core), one model actor and the readers,
@@ -48,6 +50,9 @@ MODEL_ACTOR_CPUS = 1
 DECODERS_PER_READ_TASK = 4
 # Videos a decode task gets (module docstring).
 VIDEOS_PER_DECODE_TASK = 4
+# What the pipeline may hold in the object store, per decode actor (`bound_object_store`).
+OBJECT_STORE_PER_DECODER = 128 << 20
+BLOCKS_PER_DECODER = 8
 
 
 @dataclass(frozen=True)
@@ -127,13 +132,10 @@ def predict(
     import ray.data
 
     from ray_jobs.decode_stage import decode_dataset
-    from ray_jobs.sources import read_sources
 
-    # The fixed pools hold their CPUs from the start; the read tasks run in what they leave.
     videos = video_count(uris)
-    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
-                           concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
-                           blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
+    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends)
+    bound_object_store(sources, options, videos)
     clips = decode_dataset(sources, spec, plan, num_cpus=1, actors=options.decode_cpus)
     gpus = options.gpus_per_actor or 0
     return clips.map_batches(
@@ -146,6 +148,35 @@ def predict(
         num_gpus=gpus or None,
         udf_modifying_row_count=False,
     )
+
+
+def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
+               shard_ends: bool = False):
+    """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
+    VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
+    task at a time per DECODERS_PER_READ_TASK decode actors, each in the CPUs the fixed pools leave."""
+    from ray_jobs.sources import read_sources
+
+    return read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
+                        concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
+                        blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
+
+
+def bound_object_store(sources, options: PredictOptions, videos: int | None) -> None:
+    """Hold the pipeline that starts at `sources` to what its decode pool needs in the object store.
+
+    Reading is far faster than decoding, and Ray Data lets a stage run ahead until half the
+    cluster's object store is full: the input read ahead, and the memory, would grow with the
+    job up to gigabytes. Each decode actor gets OBJECT_STORE_PER_DECODER, or room for
+    BLOCKS_PER_DECODER read blocks of the inputs' mean video size when that is more: its task in
+    hand, the one queued, the next ones ready, and their decoded windows. Ray Data still lets an
+    idle stage take one task over its budget, so a video larger than that slows the job; it never
+    stalls it. The limit is set on the context that `sources` and every stage built on it share.
+    """
+    per_video = sources.size_bytes() / videos if videos else 0
+    per_decoder = max(OBJECT_STORE_PER_DECODER, BLOCKS_PER_DECODER * VIDEOS_PER_DECODE_TASK * per_video)
+    execution = sources.context.execution_options
+    execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.decode_cpus * per_decoder)
 
 
 class VideoCollector:
