@@ -67,6 +67,7 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import ClipRow
 from groupemotion_core.spec import DecodeSpec, WindowPlan
 from ray_jobs import storage
+from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, watched
 
 FORMAT = "groupemotion-clip-cache/1"
 OBJECTS_PER_UNIT = 64
@@ -115,7 +116,7 @@ class FillStats:
     bytes: int = 0  # written now
     raw_frame_bytes: int = 0  # the uint8 frames of the decoded rows written now
     frame_bytes: int = 0  # their JPEGs
-    not_cached: list[str] = field(default_factory=list)  # units left out after a storage failure
+    not_cached: list[tuple[str, str]] = field(default_factory=list)  # (unit, error) left out: the store failed
 
     def line(self) -> str:
         text = f"{self.reused} of {self.units} units reused, {self.committed} decoded"
@@ -157,12 +158,14 @@ class ClipCache:
         names = {posixpath.basename(p) for p in listed}
         return [unit for unit in units if unit.name not in names]
 
-    def fill(self, units: list[Unit], *, decode_cpus: float = 1.0, title: str | None = None) -> FillStats:
+    def fill(self, units: list[Unit], *, decode_cpus: float = 1.0, title: str | None = None,
+             stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> FillStats:
         """Decode the units that have no file yet and commit each one's file once it is whole.
 
         With a `title`, a console.Progress of the units shows while there is decoding to do.
-        Raises GroupEmotionError `storage_unavailable` at the end when a unit could not be read
-        from the object store.
+        Raises, at the end, the StorageError reason of the first unit that could not be read from
+        the object store (the others are committed), and `watchdog.Stalled` when no decoded clip
+        came for `stall_timeout_s` seconds.
         """
         from ray_jobs.console import Progress
         from ray_jobs.decode_stage import decode_dataset
@@ -185,16 +188,18 @@ class ClipCache:
                                           compute=ray.data.TaskPoolStrategy(size=int(reserve / _SMALL_TASK_CPUS)))
             progress = Progress(title, len(todo), "units") if title else None
             writer = _UnitWriter(self, todo, stats, progress)
-            for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            batches = encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+            for batch in watched(batches, stall_timeout_s, "no decoded clip reached the cache writer"):
                 writer.add(batch)
             writer.finish()
             if progress is not None:
                 progress.close()
         if stats.not_cached:
+            reason, _, detail = stats.not_cached[0][1].partition(": ")
             raise GroupEmotionError(
-                "storage_unavailable",
-                f"{len(stats.not_cached)} units could not be read from the object store (first: "
-                f"{stats.not_cached[0]}); the other units are cached, run again to retry those",
+                reason,
+                f"{len(stats.not_cached)} units could not be read from the object store after retries "
+                f"(first: {detail}); the other units are cached, run again to retry those",
             )
         return stats
 
@@ -325,8 +330,9 @@ class _UnitWriter:
         for key in set(table.column(ClipRow.KEY).to_pylist()):
             del self.video_rows[key]
         errors = [e for e in table.column(ClipRow.ERROR).to_pylist() if e is not None]
-        if any(storage.is_storage_failure(e) for e in errors):
-            self.stats.not_cached.append(unit.describe())
+        failed = next((e for e in errors if storage.is_storage_failure(e)), None)
+        if failed is not None:
+            self.stats.not_cached.append((unit.describe(), failed))
             return
         meta = {"format": FORMAT, "inputs": [list(i) for i in unit.inputs],
                 "frames": [self.cache.spec.num_frames, self.cache.spec.frame_size, self.cache.spec.frame_size, 3],

@@ -106,9 +106,13 @@ class Relay:
     def __init__(self, stream: TextIO | None = None, *, poll_s: float = 0.5):
         import threading
 
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node would die with that node.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stream = stream
         self._poll_s = poll_s
         self._stop = threading.Event()

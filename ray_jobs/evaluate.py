@@ -2,7 +2,7 @@
 
     groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--windows all|first]
                       [--stride S] [--max-windows K] [--batch-size N] [--actors N]
-                      [--gpus-per-actor F] [--decode-cpus N] [--verbose]
+                      [--gpus-per-actor F] [--decode-cpus N] [--stall-timeout S] [--verbose]
 
 DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
 them from --labels, a VGAF-style CSV, or from class-named folders). The videos go through the very
@@ -24,7 +24,11 @@ DIR (a local folder) receives:
     per_class.csv         class, support, recall, precision, f1
 
 Failed videos are not scored (they are counted in metrics.json), since a video that cannot be
-decoded has no prediction to be right or wrong about.
+decoded has no prediction to be right or wrong about. A video the object store failed to serve
+after its retries is another matter: a score without it would describe other data, so the
+evaluation then writes no report and ends with `error: <reason>: ...` (exit status 2), to be run
+again. Like `infer`, it stops with `error: stalled: ...` after `--stall-timeout` seconds without
+progress (a lost node the cluster does not replace).
 """
 
 from __future__ import annotations
@@ -42,18 +46,22 @@ import numpy as np
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
 from groupemotion_core.spec import WindowPlan
-from ray_jobs import predict
+from ray_jobs import predict, storage
+from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time, watched
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
+    add_stall_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(args.inputs, args.model, args.report, predict.prediction_options(args),
-                       plan=predict.window_plan(args), labels_csv=args.labels, verbose=args.verbose)
+    with exit_in_bounded_time():
+        metrics = evaluate(args.inputs, args.model, args.report, predict.prediction_options(args),
+                           plan=predict.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
+                           stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)
     return 0
@@ -68,6 +76,7 @@ def evaluate(
     plan: WindowPlan = WindowPlan(),
     labels_csv: str | None = None,
     verbose: bool = False,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> dict:
     """Predict every video of `data`, score the labelled ones, write the report; return metrics.json."""
     from groupemotion_core.training import classification_metrics
@@ -88,15 +97,19 @@ def evaluate(
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()
     videos = windows = 0
+    unread: list[str] = []  # videos the object store failed to serve
     collector = predict.VideoCollector()
     progress = Progress("eval", predict.video_count(uris), "videos")
     try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
+        for batch in watched(batches, stall_timeout_s, "no labelled window reached the driver"):
             for row in batch.to_pylist():
                 rows = collector.add(row)
                 if rows is None:
                     continue
                 video = predict.video_row(rows)
+                if storage.is_storage_failure(video[VideoRow.ERROR]):
+                    unread.append(video[VideoRow.ERROR])
                 videos += 1
                 windows += video[VideoRow.WINDOWS]
                 window_errors.update(predict.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
@@ -109,6 +122,10 @@ def evaluate(
     finally:
         progress.close()
     log_stats(predictions)
+    if unread:
+        reason, _, detail = unread[0].partition(": ")
+        raise GroupEmotionError(reason, f"{len(unread)} of {videos} videos could not be read from the object "
+                                f"store after retries (first: {detail}); no report written; run it again")
     if not y_true:
         raise GroupEmotionError(
             "no_labels",

@@ -2,7 +2,7 @@
 
     groupemotion infer INPUT... --model REF --output URI [--windows all|first] [--stride S]
                        [--max-windows K] [--batch-size N] [--actors N] [--gpus-per-actor F]
-                       [--decode-cpus N] [--overwrite] [--verbose]
+                       [--decode-cpus N] [--stall-timeout S] [--overwrite] [--verbose]
 
 INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manifest.json, local or
 s3:// (the layouts of `ray_jobs.sources`). REF: a checkpoint directory or URI, or preset:tiny /
@@ -56,6 +56,18 @@ actors otherwise; uint8 frames travel and are normalised on the model's device).
 model and the readers do not need decodes (`ray_jobs.predict`). Only the small label rows come
 back to the driver, in no particular order; units commit as they complete.
 
+Faults. A node lost mid-job costs the work in flight on it, not the job: Ray restarts the lost
+actors and retries their tasks where the cluster has room. Where it has none (a node that is not
+replaced), the job stops after `--stall-timeout` seconds without a batch (default 600) with
+`error: stalled: ...` and exit status 2; run the same command again (or let the orchestrator do
+it: a RayJob's backoffLimit, a retry around `ray job submit`) and it labels what no committed unit
+holds. Videos the object store failed
+to serve after its retries (`storage_unavailable`, ...) are not labelled as errors: their units are
+left uncommitted, the others are committed, and the job ends with the summary, then
+`error: <reason>: N of M units were left for a rerun: ...` and exit status 2; the rerun tries those units
+again. A failure to write the output stops the job at once, in one line, exit status 2. Nothing
+is lost or duplicated in any of these cases, and `_SUCCESS` is written only when every unit is.
+
 The console shows one progress line (videos and windows done, rate, errors, ETA) and a line per
 committed unit, on stderr; the summary goes to stdout. Ray's own logs go to its log files
 (`--verbose` shows them), Ray Data's per-operator statistics to its `ray-data.log` at the end.
@@ -83,6 +95,7 @@ from ray_jobs.predict import (
     video_count,
     window_plan,
 )
+from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time, watched
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -97,8 +110,13 @@ def infer(
     plan: WindowPlan = WindowPlan(),
     overwrite: bool = False,
     verbose: bool = False,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> Summary:
-    """Label every video of `inputs` not yet committed under `output`; see the module docstring."""
+    """Label every video of `inputs` not yet committed under `output`; see the module docstring.
+
+    Raises GroupEmotionError when units were left for a rerun (after noting the summary), and
+    `watchdog.Stalled` when the stream made no progress for `stall_timeout_s` seconds.
+    """
     from ray_jobs.console import Progress
     from ray_jobs.model_ref import describe_model_ref, warn_random_weights
     from ray_jobs.runtime import ensure_ray
@@ -143,14 +161,21 @@ def infer(
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note)
     predictions = predict(todo, model_ref, cfg.decode_spec(), plan, options, shard_ends=True)
+    batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in watched(batches, stall_timeout_s, "no labelled window reached the driver"):
             writer.add(batch)
         writer.finish()
     finally:
         progress.close()
     log_stats(predictions)
     summary.seconds = time.monotonic() - started
+    if summary.units_left:
+        progress.note(f"infer: {summary.line()}")
+        reason, _, detail = summary.left_error.partition(": ")
+        raise GroupEmotionError(reason, f"{summary.units_left} of {len(units)} units were left for a rerun: the "
+                                f"object store failed reading them after retries (first: {detail}); the other "
+                                "units are committed; run the same command again to finish")
     _write_json(success, summary.to_dict())
     return summary
 
@@ -203,11 +228,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prediction_arguments(parser)
     parser.add_argument("--output", required=True, help="output folder or s3:// prefix for the Parquet files")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier output and label everything again")
+    add_stall_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = infer(args.inputs, args.model, args.output, prediction_options(args), plan=window_plan(args),
-                    overwrite=args.overwrite, verbose=args.verbose)
+    with exit_in_bounded_time():
+        summary = infer(args.inputs, args.model, args.output, prediction_options(args), plan=window_plan(args),
+                        overwrite=args.overwrite, verbose=args.verbose, stall_timeout_s=args.stall_timeout)
     print(f"infer: {summary.line()}", flush=True)
     return 0
 

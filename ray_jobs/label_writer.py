@@ -15,6 +15,11 @@ atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, th
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
 
+A unit with a row that failed on the object store (`storage.is_storage_failure`: the reader could
+not read a shard or an object after the retries) is not committed: its rows are dropped and the
+unit counts as left for a rerun (`Summary.units_left`), which tries it again. The failure was the
+store's, not the video's, so writing the error as the video's answer would lose the video.
+
 Fault injection, for tests and drills: GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N kills the job
 process with SIGKILL right after its N-th commit, like a node loss between two commits.
 """
@@ -85,6 +90,8 @@ class Summary:
     windows: int = 0
     windows_labelled: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # by reason: failed windows, and videos failed whole
+    units_left: int = 0  # not committed: a row failed on the object store; a rerun tries them again
+    left_error: str | None = None  # the first of those failures
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,26 +101,28 @@ class Summary:
     def line(self) -> str:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
         rate = self.videos / self.seconds if self.seconds > 0 else 0.0
+        left = f"; {self.units_left} units left for a rerun ({self.left_error})" if self.units_left else ""
         return (
             f"{self.videos} videos ({self.windows} windows) in {self.units_committed} units "
             f"({self.units_skipped} of {self.units} units already committed, skipped): "
             f"{self.videos_labelled} videos and {self.windows_labelled} windows labelled, errors: {errors}; "
-            f"{rate:.2f} videos/s over {self.seconds:.1f} s"
+            f"{rate:.2f} videos/s over {self.seconds:.1f} s{left}"
         )
 
 
 def part_files(output: str, folder: str) -> list[str]:
-    fs, path = storage.filesystem(storage.join(output, folder))
+    uri = storage.join(output, folder)
+    fs, path = storage.filesystem(uri)
     scheme = "s3://" if output.startswith("s3://") else ""
-    return sorted(scheme + p for p in fs.glob(f"{path}/{PART_PREFIX}*.parquet"))
+    with storage.classified(uri):
+        return sorted(scheme + p for p in fs.glob(f"{path}/{PART_PREFIX}*.parquet"))
 
 
 def committed_inputs(output: str) -> set[str]:
     """The input URIs that committed units of `output` hold (read from their videos/ footers)."""
 
     def inputs_of(uri: str) -> list[str]:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
+        with storage.open_read(uri) as f:
             meta = pq.read_schema(f).metadata or {}
         if INPUTS_METADATA_KEY not in meta:
             raise GroupEmotionError("bad_output", f"{uri} was not written by groupemotion infer")
@@ -158,7 +167,7 @@ class LabelWriter:
         self.unit_of = {uri: i for i, unit in enumerate(units) for uri in unit.inputs}
         self.collector = VideoCollector()
         self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
-        self.committed: set[int] = set()
+        self.committed: set[int] = set()  # and the units left for a rerun
         self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV, "0") or 0)
 
     def add(self, batch: pa.Table) -> None:
@@ -180,7 +189,7 @@ class LabelWriter:
                 self._commit(index)
 
     def finish(self) -> None:
-        """The stream has ended: every unit must have been committed."""
+        """The stream has ended: every unit must have been committed (or left for a rerun)."""
         left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
         if left:
             raise RuntimeError(
@@ -200,12 +209,19 @@ class LabelWriter:
 
     def _commit(self, index: int) -> None:
         unit, rows = self.units[index], self.in_flight.pop(index)
+        self.committed.add(index)
+        failed = next((r[WindowRow.ERROR] for r in [*rows.videos, *rows.windows]
+                       if storage.is_storage_failure(r[WindowRow.ERROR])), None)
+        if failed is not None:
+            self.summary.units_left += 1
+            self.summary.left_error = self.summary.left_error or failed
+            self.on_commit(f"left for a rerun: {unit.describe()}: {failed}")
+            return
         metadata = {INPUTS_METADATA_KEY: json.dumps(list(unit.inputs))}
         windows = window_table(rows.windows, self.model_id).replace_schema_metadata(metadata)
         videos = video_table(rows.videos, self.model_id).replace_schema_metadata(metadata)
         _write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
         _write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
-        self.committed.add(index)
 
         s = self.summary
         failed_videos = error_counts(rows.videos)

@@ -26,7 +26,11 @@ contain `..`, are skipped. A video over `max_video_bytes` is not read; its row c
 Besides the SourceRow columns, every row has an `error` column (null, or `<reason>: <detail>` for
 a clip the reader already knows is bad: too large, a shard that ends mid-member, a label member
 that is not JSON); the decode stage turns it into an error ClipRow so that every input clip still
-yields exactly one row. Label values are canonicalised with `schema.parse_label` where they are
+yields exactly one row. An object store that still fails after the retries (`storage`) gives the
+same kind of row, with the StorageError's reason (`storage_unavailable: ...`): for a plain object
+its own row, for a shard one row for the shard after the clips read so far. The jobs tell those
+apart (`storage.is_storage_failure`) and leave such a unit for a rerun instead of recording the
+store's failure as the videos' answer. Label values are canonicalised with `schema.parse_label` where they are
 valid (class names in any case, VGAF numbers) and passed through as written otherwise, so that
 the decode stage can report them as errors rather than the reader failing the job.
 
@@ -336,18 +340,18 @@ def _video_rows(group: list[_Video], max_video_bytes: int) -> Iterator[dict]:
             continue
         try:
             data = storage.read_bytes(video.uri, max_bytes=max_video_bytes)
-        except GroupEmotionError as e:  # deleted or grown since listing; I/O errors go to Ray's retry
+        except GroupEmotionError as e:  # deleted or grown since listing, or the store failed (StorageError)
             yield _row(video.uri, None, video.label, str(e))
             continue
         yield _row(video.uri, data, video.label)
 
 
 def _shard_rows(uri: str, max_video_bytes: int) -> Iterator[dict]:
-    """The clips of one shard, in member order; a shard cut short ends with an error row."""
-    fs, path = storage.filesystem(uri)
+    """The clips of one shard, in member order; a shard cut short, or one the store failed to
+    serve, ends with an error row."""
     seen: set[str] = set()
     try:
-        with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for key, clip in _group_members(tar, uri, max_video_bytes):
                 if key in seen:
                     log.warning("%s: key %s appears twice; the second copy is skipped", uri, key)
@@ -356,6 +360,8 @@ def _shard_rows(uri: str, max_video_bytes: int) -> Iterator[dict]:
                 yield clip
     except tarfile.TarError as e:  # a broken or truncated shard is bad input, not a retryable failure
         yield _row(uri, None, None, f"bad_shard: {e}")
+    except GroupEmotionError as e:  # a StorageError after the retries, or the shard is gone
+        yield _row(uri, None, None, str(e))
 
 
 def _group_members(tar: tarfile.TarFile, shard_uri: str, max_video_bytes: int):

@@ -23,8 +23,15 @@ files unless --verbose.
 
 Faults: run the same command again with the same --output and it resumes from the latest
 checkpoint (it prints the epoch it continues at; --epochs may be raised to train longer). A worker
-that dies is replaced and the run continues from the latest checkpoint, up to --max-failures
-times. --fail-once-at-epoch E is the switch that proves it: one worker exits in the middle of
+that dies, or the node it runs on, is replaced and the run continues from the latest checkpoint,
+up to --max-failures times, as soon as the cluster has room for the workers again. When no batch
+has reached a worker for --stall-timeout seconds (default 600: a lost node the cluster does not
+replace, workers it cannot place, a store that stopped answering) the job stops with
+`error: stalled: ...` and exit status 2, and running it again resumes. A run in which no
+training clip (or no validation clip) could be read stops with the clips' reason, e.g.
+`error: storage_unavailable: ...` or `error: undecodable: ...` (exit status 2), and exports no
+model; a failure to write the checkpoints or metrics to --output stops it in one line too.
+--fail-once-at-epoch E is the switch that proves recovery: one worker exits in the middle of
 epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened).
 
 With RAY_ADDRESS unset a local Ray is started; under `ray job submit` use
@@ -42,6 +49,7 @@ from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
 from ray_jobs import storage
+from ray_jobs.watchdog import add_stall_argument, exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"  # the Ray Train run name under --output
@@ -101,12 +109,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fail-once-at-epoch", type=int, metavar="E",
                         help="testing switch: the last worker exits in the middle of epoch E, once "
                              "per output folder, to exercise recovery")
+    add_stall_argument(faults)
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's, Ray Data's and Ray Train's own output on the console "
                              "(otherwise it goes to the Ray session's log files)")
 
 
 def run(args: argparse.Namespace) -> int:
+    with exit_in_bounded_time():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     """Driver: resolve the config, look for a run to resume, fit, export the best epoch."""
     _check_arguments(args)
     cfg = _model_config(args)
@@ -131,11 +145,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[train] all {args.epochs} epochs are done already; exporting the best epoch", flush=True)
         result = previous
     else:
-        from ray_jobs.console import Relay
-
         datasets = _datasets(args, cfg)
-        with Relay() as relay:
-            result = _trainer(args, run_config, datasets, relay.sender).fit()
+        result = _fit(args, run_config, datasets)
     _export_best(result, args.output)
     return 0
 
@@ -255,13 +266,36 @@ def _datasets(args: argparse.Namespace, cfg) -> dict[str, Any]:
     datasets = {}
     for split, uris in splits:
         units = cache.units(uris)
-        stats = cache.fill(units, decode_cpus=args.decode_cpus, title=f"[train] decoding {split} into the cache")
+        stats = cache.fill(units, decode_cpus=args.decode_cpus, title=f"[train] decoding {split} into the cache",
+                           stall_timeout_s=args.stall_timeout)
         print(f"[train] cache {split}: {stats.line()}; {cache.root}", flush=True)
         datasets[split] = cache.dataset(units)
     return datasets
 
 
-def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dict[str, Any], console):
+def _fit(args: argparse.Namespace, run_config: dict[str, Any], datasets: dict[str, Any]):
+    """Run the trainer under the stall watchdog (`watchdog.watched_call`); a reason a worker
+    stopped the run for, or an error Ray wrapped (a StorageError writing --output), leaves as one
+    GroupEmotionError."""
+    from ray_jobs.console import Relay
+    from ray_jobs.watchdog import Pulse, watched_call
+
+    pulse = Pulse()
+    try:
+        with Relay() as relay:
+            trainer = _trainer(args, run_config, datasets, relay.sender,
+                               pulse.sender(every_s=min(10.0, args.stall_timeout / 10)))
+            result = watched_call(trainer.fit, pulse, args.stall_timeout, "no batch reached a training worker",
+                                  uri=args.output)
+        stopped = pulse.stopped()
+    finally:
+        pulse.close()
+    if stopped is not None:
+        raise stopped
+    return result
+
+
+def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dict[str, Any], console, pulse):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -280,6 +314,7 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
         "output": args.output,
         "fail_once_at_epoch": args.fail_once_at_epoch,
         "console": console,
+        "pulse": pulse,
     }
     return TorchTrainer(
         train_func_per_worker,

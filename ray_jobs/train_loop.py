@@ -19,15 +19,25 @@ Why some of it looks the way it does:
   its log file unless the job runs with --verbose.
 - Fault injection (`fail_once_at_epoch`) is part of the config, as in Ray's examples: one worker
   exits mid-epoch, once; a marker object in the output makes "once" survive the restart.
+- Every batch beats the driver's `watchdog.Pulse` (config `pulse`, at most one message every few
+  seconds): training batches never reach the driver, so the beats are how it knows the run still
+  moves, and stops it after `--stall-timeout` seconds without one.
+- An epoch in which no training clip (or no validation clip) could be used stops the run with the
+  reason the clips failed for (e.g. `storage_unavailable`, `undecodable`): every rank returns
+  without a checkpoint and rank 0 hands the reason to the driver through the pulse. An untrained
+  model is never checkpointed or exported as the best one, and a failure of the data is not
+  retried as if a worker had died.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +50,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from groupemotion_core.checkpoint import load_checkpoint, save_checkpoint
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.config import ModelConfig
 from groupemotion_core.model import GroupEmotionModel
 from groupemotion_core.pretrained import load_pretrained
@@ -58,12 +69,19 @@ METRICS_FILE = "metrics.jsonl"
 def train_func_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function; `config` is TorchTrainer's train_loop_config (see train.py)."""
     run = _setup(config)
+    _beat(config)
     for epoch in range(run.start_epoch + 1, config["epochs"] + 1):
         # Seeded per epoch and rank, so a resumed epoch draws the same dropout and augmentation
         # as it would have in an uninterrupted run, and the ranks do not draw the same masks.
         _seed_everything(_epoch_seed(run, epoch))
-        train_stats = _train_epoch(run, epoch)
-        val_metrics = _validate(run)
+        failures = _Failures()
+        train_stats = _train_epoch(run, epoch, failures)
+        if not train_stats["train_clips"]:
+            return _stop(run, "training", train_stats["train_skipped_unlabelled"], failures)
+        failures = _Failures()
+        val_metrics = _validate(run, failures)
+        if not val_metrics["val_count"]:
+            return _stop(run, "validation", val_metrics["val_skipped_unlabelled"], failures)
         _report(run, epoch, train_stats, val_metrics)
 
 
@@ -114,6 +132,59 @@ def _setup(config: dict[str, Any]) -> _Run:
                 start_epoch=int(train_state["epoch"]), history=list(train_state["history"]))
 
 
+def _beat(config: dict[str, Any]) -> None:
+    pulse = config.get("pulse")
+    if pulse is not None:
+        pulse.beat()
+
+
+class _Failures:
+    """Why rows of a split failed, by reason, with the first error of each (`<reason>: <detail>`).
+    Filled by the collate function, which Ray Data calls from its own threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, errors) -> None:
+        with self._lock:
+            for error in errors:
+                reason = error.split(":", 1)[0].strip() or "unknown"
+                self.counts[reason] += 1
+                self.first.setdefault(reason, error)
+
+
+def _stop(run: _Run, split: str, unlabelled: int, failures: _Failures) -> None:
+    """No clip of `split` could be used by any rank: stop the run with the reason (module docstring)."""
+    counts: collections.Counter = collections.Counter()
+    first: dict[str, str] = {}
+    parts = [(failures.counts, failures.first)]
+    if run.world_size > 1:
+        parts = [None] * run.world_size
+        torch.distributed.all_gather_object(parts, (failures.counts, failures.first))
+    for part_counts, part_first in parts:
+        counts.update(part_counts)
+        for reason, error in part_first.items():
+            first.setdefault(reason, error)
+    if counts:
+        reason, _ = counts.most_common(1)[0]
+        summary = ", ".join(f"{r}: {n}" for r, n in counts.most_common())
+        unlabelled_too = f", unlabelled: {unlabelled}" if unlabelled else ""
+        detail = (f"no {split} clip could be used (failed: {summary}{unlabelled_too}); "
+                  f"first: {first[reason].split(': ', 1)[-1]}")
+    elif unlabelled:
+        reason, detail = "no_labels", f"none of the {unlabelled} {split} clips has a label"
+    else:
+        reason, detail = "no_clips", f"the {split} data holds no clip"
+    if run.rank != 0:
+        return
+    pulse = run.config.get("pulse")
+    if pulse is None:
+        raise GroupEmotionError(reason, detail)
+    pulse.stop(reason, detail)
+
+
 def _say(config: dict[str, Any], line: str) -> None:
     """A line for the person at the console: through the driver's relay (`console.Relay`, in the
     config as `console`), which prints it once; to this worker's log without one."""
@@ -138,13 +209,18 @@ class _ClipCollate(NumpyBatchCollateFn):
     """ClipRow numpy batch -> tensors of the usable rows, plus how many rows were dropped.
 
     Runs in Ray Data's prefetch threads; Ray moves the output to the worker's device, so frames
-    cross to the GPU as uint8 (normalisation happens inside the model).
+    cross to the GPU as uint8 (normalisation happens inside the model). The errors of the rows it
+    drops go to `failures`.
     """
+
+    def __init__(self, failures: _Failures):
+        self._failures = failures
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         # A block without errors has an all-null `error` column, which reaches numpy as NaN floats:
         # only a string is an error.
         errors = np.array([isinstance(e, str) for e in batch[ClipRow.ERROR]], dtype=bool)
+        self._failures.add(e for e in batch[ClipRow.ERROR] if isinstance(e, str))
         labels = np.asarray(batch[ClipRow.LABEL], dtype=np.int64)
         keep = ~errors & (labels != UNKNOWN_LABEL)
         rows = np.flatnonzero(keep)
@@ -163,7 +239,7 @@ class _ClipCollate(NumpyBatchCollateFn):
         }
 
 
-def _batches(run: _Run, split: str, epoch: int):
+def _batches(run: _Run, split: str, epoch: int, failures: _Failures):
     shard = ray.train.get_dataset_shard(split)
     shuffle = {}
     if split == "train":
@@ -171,8 +247,11 @@ def _batches(run: _Run, split: str, epoch: int):
         # shuffle (random_shuffle, randomize_block_order) would hold the whole input at once.
         size = max(run.config["shuffle_buffer"], run.config["batch_size"])
         shuffle = dict(local_shuffle_buffer_size=size, local_shuffle_seed=_epoch_seed(run, epoch))
-    return shard.iter_torch_batches(batch_size=run.config["batch_size"], collate_fn=_ClipCollate(),
-                                    drop_last=False, **shuffle)
+    batches = shard.iter_torch_batches(batch_size=run.config["batch_size"], collate_fn=_ClipCollate(failures),
+                                       drop_last=False, **shuffle)
+    for batch in batches:
+        _beat(run.config)
+        yield batch
 
 
 def _placeholder(run: _Run) -> dict[str, torch.Tensor]:
@@ -194,7 +273,7 @@ def _autocast(run: _Run):
     return contextlib.nullcontext()
 
 
-def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+def _train_epoch(run: _Run, epoch: int, failures: _Failures) -> dict[str, float]:
     """One pass over this worker's shard with gradient accumulation; returns global statistics."""
     run.model.train()
     accum = run.config["grad_accum"]
@@ -202,7 +281,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     counts = torch.zeros(3, dtype=torch.float64, device=run.device)  # clips, errors, unlabelled
     started = time.monotonic()
     run.optimizer.zero_grad(set_to_none=True)
-    for micro, (batch, last) in enumerate(_with_last(_batches(run, "train", epoch)), start=1):
+    for micro, (batch, last) in enumerate(_with_last(_batches(run, "train", epoch, failures)), start=1):
         counts += torch.stack([batch["label"].new_tensor(len(batch["label"])), batch["errors"],
                                batch["unlabelled"]]).to(run.device, torch.float64)
         empty = len(batch["label"]) == 0
@@ -262,14 +341,14 @@ def _maybe_inject_fault(run: _Run, epoch: int, micro: int) -> None:
 
 
 @torch.no_grad()
-def _validate(run: _Run) -> dict[str, Any]:
+def _validate(run: _Run, failures: _Failures) -> dict[str, Any]:
     """Predict this worker's val shard, gather every worker's labels and predictions, score."""
     module = run.module  # not the DDP wrapper: ranks may predict different numbers of batches
     module.eval()
     y_true: list[int] = []
     y_pred: list[int] = []
     skipped = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for batch in _batches(run, "val", 0):
+    for batch in _batches(run, "val", 0, failures):
         skipped += torch.stack([batch["errors"], batch["unlabelled"]]).to(run.device, torch.float64)
         if len(batch["label"]) == 0:
             continue
