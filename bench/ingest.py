@@ -4,13 +4,14 @@
 
 Generates the clips once into a temporary folder, then decodes all of them three ways with the
 default DecodeSpec: `groupemotion_core.media.decode_clip` in a loop in this process (the baseline),
-and `read_sources` + `decode_dataset` on a local Ray, once over the plain video files and once
-over tar shards written by `pack`, one window per clip (`FIRST_WINDOW`, as training reads them).
+and the inference job's read stage (`predict.read_stage`) + `decode_dataset` on a local Ray, once
+over the plain video files and once over tar shards written by `pack`, one window per clip
+(`FIRST_WINDOW`, as training reads them).
 The Ray figures are cold, wall clock from building the dataset to the last row, so they include
 starting the actors and their decoder children: what a job pays; `after_first_batch_clips_per_s`
 is the rate once the first batch is out. The decode pool is a fixed pool of --actors one-CPU
 actors (default: one per core) on a local Ray of one CPU more, in which the read tasks run (a
-quarter CPU each), as the inference job sizes them.
+quarter CPU each), with the job's decode tasks of a few videos and its object store bound.
 Prints one JSON object on stdout; Ray's logs go to stderr.
 """
 
@@ -79,12 +80,16 @@ def _through_ray(uri: str, spec: DecodeSpec, args, clips: int) -> dict:
 
     from ray_jobs.decode_stage import decode_dataset
     from ray_jobs.runtime import ensure_ray
-    from ray_jobs.sources import read_sources
+    from ray_jobs.predict import PredictOptions, bound_object_store, read_stage, video_count
+    from ray_jobs.sources import list_inputs
 
     ensure_ray(num_cpus=args.actors + 1)
     DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
-    ds = decode_dataset(read_sources(uri, num_cpus=0.25), spec, FIRST_WINDOW, actors=args.actors)
+    uris, options = list_inputs(uri), PredictOptions(decode_cpus=args.actors)
+    sources = read_stage(uris, options, video_count(uris))
+    bound_object_store(sources, options, video_count(uris))
+    ds = decode_dataset(sources, spec, FIRST_WINDOW, actors=args.actors)
     seen = errors = 0
     first = None  # (time, rows) of the first batch out: what comes after it is the steady state
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
