@@ -112,7 +112,7 @@ def _preset_info(ref: str, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check_labels(ref: str, labels: list[str]) -> None:
-    # The output has one probability column per class in CLASSES order (LabelRow.SCHEMA).
+    # The output has one probability column per class in CLASSES order (WindowRow and VideoRow.SCHEMA).
     if list(labels) != list(CLASSES):
         raise GroupEmotionError(
             "bad_checkpoint", f"{ref}: labels {labels} differ from {list(CLASSES)} (the output's columns)"

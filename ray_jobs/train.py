@@ -215,6 +215,14 @@ def _resolved_config(args: argparse.Namespace, cfg) -> dict[str, Any]:
     }
 
 
+def pinned_source(record: dict[str, Any] | None) -> str | None:
+    """The source the workers load: a hub id pinned to the commit the driver resolved, so that a
+    branch that moves while the workers start cannot give them other weights than run_config.json names."""
+    if record is None:
+        return None
+    return f"{record['repo']}@{record['commit']}" if record["commit"] else record["source"]
+
+
 def _check_same_model(output: str, run_config: dict[str, Any]) -> None:
     """A resumed run must build the model its checkpoints hold."""
     path = storage.join(output, RUN_CONFIG)
@@ -309,8 +317,8 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
         "lr": args.lr,
         "seed": args.seed,
         "shuffle_buffer": args.shuffle_buffer,
-        "pretrained_vision": args.pretrained_vision,
-        "pretrained_audio": args.pretrained_audio,
+        "pretrained_vision": pinned_source(run_config["pretrained"]["vision"]),
+        "pretrained_audio": pinned_source(run_config["pretrained"]["audio"]),
         "output": args.output,
         "fail_once_at_epoch": args.fail_once_at_epoch,
         "console": console,

@@ -223,3 +223,23 @@ def test_a_hub_id_not_in_the_cache_fails_offline_in_one_line(model, hub_cache, s
     error = _expect_bad("bad_weights", load_pretrained, model, audio=source)
     assert "not in the Hugging Face cache" in error.detail
     assert not any(hub_cache.iterdir()), "nothing was downloaded"
+
+
+def test_workers_load_the_commit_the_driver_resolved_not_the_moving_branch(model, hub_cache, tmp_path):
+    from ray_jobs.train import pinned_source
+
+    source = _tiny_hubert()
+    snapshot = _cached_snapshot(hub_cache, "facebook/hubert-tiny", "main")
+    source.save_pretrained(snapshot)
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(snapshot)
+    record = describe(vision=None, audio="facebook/hubert-tiny")["audio"]
+    assert pinned_source(record) == f"facebook/hubert-tiny@{COMMIT}"
+    (hub_cache / "models--facebook--hubert-tiny" / "refs" / "main").write_text("f" * 40)  # the branch moves
+
+    load_pretrained(model, audio=pinned_source(record))
+    assert all(torch.equal(a, b) for a, b in zip(model.audio.hubert.state_dict().values(),
+                                                  source.state_dict().values()))
+    source.save_pretrained(tmp_path / "local")
+    Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "local")
+    assert pinned_source(describe(vision=None, audio=str(tmp_path / "local"))["audio"]) == str(tmp_path / "local")
+    assert pinned_source(None) is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -273,6 +274,7 @@ def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everythi
             "--batch-size", "2", "--stall-timeout", str(STALL_S)]
     job = Output(cluster.job(argv))
     assert job.wait_for(lambda: job.has("committed part-"), timeout_s=300), job.lines[-20:]
+    committed_before_loss = sum("committed part-" in line for _, line in job.lines)
     cluster.lose("cpu")  # a decode actor and the read tasks' CPUs; the model's node stays
     lost_at = time.monotonic()
     code, printed = job.finish(timeout_s=STALL_S + 240)
@@ -294,7 +296,11 @@ def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everythi
     assert len(videos) == 12 and videos["key"].is_unique and videos["error"].isna().all()
     assert not windows.duplicated(["key", "window"]).any()
     assert len(windows) == videos["windows"].sum() == 12 + len(LONG)
-    assert json.loads((output / "_SUCCESS").read_text())["units_skipped"] >= 1
+    # The rerun redid none of the units committed before the loss. (The first run may also have
+    # finished on the node that stayed: then the rerun has nothing to do at all.)
+    skipped = re.search(r"\((\d+) of \d+ units already committed", printed).group(1)
+    assert int(skipped) >= committed_before_loss >= 1, printed[-3000:]
+    assert (output / "_SUCCESS").exists()
 
 
 @pytest.fixture(scope="module")
