@@ -248,13 +248,15 @@ def infer_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_job_without_progress_stops_with_one_line_and_its_process_exits(cluster, infer_data, tmp_path):
+def test_a_job_without_progress_stops_with_one_line_and_its_process_exits(cluster, infer_data, tmp_path,
+                                                                          record_property):
     # Every decoder hangs (for its 60 s window timeout): no batch reaches the driver.
     started = time.monotonic()
     job = Output(cluster.job(["infer", infer_data["shards"], "--model", infer_data["model"],
                               "--output", str(tmp_path / "labels"), "--stall-timeout", "10"],
                              env={**cluster.env, "RAY_ADDRESS": cluster.address, FAULT_INJECT_ENV: "hang:.tar/"}))
     code, printed = job.finish(timeout_s=300)
+    record_property("infer_every_decoder_hangs", f"exit {code} after {time.monotonic() - started:.1f} s")
 
     assert code == 2, printed[-3000:]
     assert printed.splitlines()[-1] == (
@@ -267,7 +269,7 @@ def test_a_job_without_progress_stops_with_one_line_and_its_process_exits(cluste
 
 @pytest.mark.slow
 def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everything_once(
-    cluster, infer_data, tmp_path
+    cluster, infer_data, tmp_path, record_property
 ):
     output = tmp_path / "labels"
     argv = ["infer", infer_data["shards"], "--model", infer_data["model"], "--output", str(output),
@@ -278,6 +280,7 @@ def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everythi
     cluster.lose("cpu")  # a decode actor and the read tasks' CPUs; the model's node stays
     lost_at = time.monotonic()
     code, printed = job.finish(timeout_s=STALL_S + 240)
+    record_property("infer_decode_node_lost", f"exit {code} {time.monotonic() - lost_at:.1f} s after the loss")
 
     # It ends by itself: finished, or stopped by the watchdog with one line, never a traceback.
     assert time.monotonic() - lost_at < STALL_S + 180
@@ -291,6 +294,7 @@ def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everythi
     cluster.add_node("cpu-replacement", cpus=2)  # as the autoscaler would
     rerun = Output(cluster.job(argv))
     code, printed = rerun.finish(timeout_s=600)
+    record_property("infer_rerun_after_node_loss", f"exit {code} after {time.monotonic() - rerun.started:.1f} s")
     assert code == 0, printed[-3000:]
     videos, windows = pd.read_parquet(output / "videos"), pd.read_parquet(output / "windows")
     assert len(videos) == 12 and videos["key"].is_unique and videos["error"].isna().all()
@@ -318,7 +322,7 @@ def train_data(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_train_losing_a_worker_node_resumes_from_its_last_checkpoint_and_finishes(
-    cluster, train_data, tmp_path
+    cluster, train_data, tmp_path, record_property
 ):
     epochs = 4
     output = tmp_path / "run"
@@ -332,8 +336,11 @@ def test_train_losing_a_worker_node_resumes_from_its_last_checkpoint_and_finishe
         job.lines[-20:]
     victim = cluster.node_running("ray::RayTrainWorker")
     cluster.lose(victim)
+    lost_at = time.monotonic()
     cluster.add_node(f"{victim}-replacement", cpus=2)
     code, printed = job.finish(timeout_s=600)
+    record_property("train_worker_node_lost", f"exit {code} {time.monotonic() - lost_at:.1f} s after the loss "
+                                              f"(a replacement node started in that time)")
 
     assert code == 0, printed[-3000:]
     resumed = [line for line in printed.splitlines() if "worker group resumes from the checkpoint of epoch" in line]

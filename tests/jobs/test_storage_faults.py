@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import boto3
@@ -181,13 +182,17 @@ def test_a_unit_whose_rows_the_store_failed_is_left_for_a_rerun_and_the_others_c
     assert "1 units left for a rerun (storage_unavailable: " in summary.line()
 
 
-def _run(argv: list[str], **env: str) -> tuple[int, str]:
+def _run(argv: list[str], record=None, name: str = "", **env: str) -> tuple[int, str]:
     """`groupemotion ARGV` as its own process, with its own embedded Ray, and the test's AWS_*
-    variables (the proxy's endpoint) plus `env`."""
+    variables (the proxy's endpoint) plus `env`. With `record` (pytest's record_property), the
+    exit status and seconds to end go into the test report as `name` (the fault matrix's figures)."""
     environ = {**os.environ, **env}
     environ.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", *argv], env=environ, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+    if record is not None:
+        record(name, f"exit {done.returncode} after {time.monotonic() - started:.1f} s")
     return done.returncode, done.stdout + done.stderr
 
 
@@ -198,7 +203,7 @@ def _read(uri: str) -> pd.DataFrame:
 
 
 def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_every_video_once(
-    videos, tmp_path, s3_bucket, flaky_s3
+    videos, tmp_path, s3_bucket, flaky_s3, record_property
 ):
     root, csv = videos
     torch.manual_seed(0)
@@ -212,7 +217,8 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
     # One shard the store will not serve: every GET of it fails, past the retries.
     bucket = s3_bucket[len("s3://") :]
     flaky_s3.faults, flaky_s3.scope, flaky_s3.failure_rate = ("slowdown",), f"GET /{bucket}/shards/shard-000001.tar", 1.0
-    code, printed = _run(argv, AWS_MAX_ATTEMPTS="1")  # the standard variable: s3fs's own tries only, for speed
+    code, printed = _run(argv, record_property, "infer_one_shard_unreadable",
+                         AWS_MAX_ATTEMPTS="1")  # the standard variable: s3fs's own tries only, for speed
 
     assert code == 2, printed[-3000:]
     assert printed.rstrip().splitlines()[-1].startswith(
@@ -227,7 +233,7 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
     # The rerun, through a store that fails one request in ten, every way it can.
     flaky_s3.faults, flaky_s3.scope, flaky_s3.failure_rate = ("slowdown", "drop", "truncate"), "", 0.1
     flaky_s3.injected.clear()
-    code, printed = _run(argv)
+    code, printed = _run(argv, record_property, "infer_rerun_10pc_faults")
 
     assert code == 0, printed[-3000:]
     assert "2 of 3 units already committed" in printed
@@ -239,7 +245,7 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
 
 
 def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two_epochs(
-    tmp_path, s3_bucket, flaky_s3
+    tmp_path, s3_bucket, flaky_s3, record_property
 ):
     clip = dict(width=64, height=48, fps=8.0, seconds=1.0)
     make_dataset(tmp_path / "train", 2, seed=0, **clip)
@@ -255,7 +261,7 @@ def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two
     # No training shard can be read: the run stops with the store's reason and exports nothing.
     bucket = s3_bucket[len("s3://") :]
     flaky_s3.faults, flaky_s3.scope, flaky_s3.failure_rate = ("slowdown",), f"GET /{bucket}/train/shard-", 1.0
-    code, printed = _run(argv, AWS_MAX_ATTEMPTS="1")
+    code, printed = _run(argv, record_property, "train_no_shard_readable", AWS_MAX_ATTEMPTS="1")
 
     assert code == 2, printed[-3000:]
     last = printed.rstrip().splitlines()[-1]
@@ -267,7 +273,7 @@ def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two
     # Through a store that fails one request in ten: two epochs, every clip in each, once.
     flaky_s3.faults, flaky_s3.scope, flaky_s3.failure_rate = ("slowdown", "drop", "truncate"), "", 0.1
     flaky_s3.injected.clear()
-    code, printed = _run(argv)
+    code, printed = _run(argv, record_property, "train_2_epochs_10pc_faults")
 
     assert code == 0, printed[-3000:]
     history = [json.loads(line) for line in storage.read_bytes(f"{output}/metrics.jsonl").decode().splitlines()]

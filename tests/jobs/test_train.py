@@ -1,6 +1,7 @@
 """`groupemotion train` end to end: two CPU workers of real Ray Train (DDP over gloo) fine-tune the
 tiny model on generated clips whose class shows in colour and pitch, with checkpoints on a real
-S3 server; a rerun resumes, and a worker that dies mid-epoch does not stop the run.
+S3 server; a rerun resumes, the cache is decoded once, and a worker that dies mid-epoch does not
+stop the run.
 
 One packed dataset serves every test (generating and packing clips is the slow part of setup),
 and one trained run on S3 serves the tests that only read it.
@@ -125,30 +126,44 @@ def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
     assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
 
 
-def test_rerun_resumes_at_the_next_epoch(s3_run, data, capsys):
-    """The torchtune-style check: a run continued for one more epoch starts where the first ended
-    and keeps the first run's history."""
+def test_a_resumed_run_fills_the_cache_and_a_later_run_reads_it_through_a_worker_death(
+    s3_run, data, tmp_path: Path, capsys
+):
+    """Run 1 continues the S3 run for one more epoch (the torchtune-style check: it starts where
+    the first ended and keeps its history) and fills the cache on its way; run 2, a new run on the
+    same inputs, decodes nothing again, and one of its workers dies in the middle of epoch 2
+    (--fail-once-at-epoch) without stopping it. One test, because every run costs Ray Train's start."""
     fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
     copy = f"{s3_run['bucket']}/runs/resumed"
     fs.copy(f"{root}/", copy, recursive=True)  # a copy, so the other tests see the original run
     before = metrics_lines(fs, f"{root}/metrics.jsonl")
+    cache = str(tmp_path / "cache")
     capsys.readouterr()
-    assert train(data, f"s3://{copy}", "--epochs", str(EPOCHS + 1)) == 0
-    printed = capsys.readouterr().out
+    assert train(data, f"s3://{copy}", "--epochs", str(EPOCHS + 1), "--cache", cache) == 0
+    first = capsys.readouterr().out
     assert re.search(rf"resuming from s3://{copy}/checkpoints: {EPOCHS} of {EPOCHS + 1} epochs done, "
-                     rf"continuing at epoch {EPOCHS + 1}", printed), printed
+                     rf"continuing at epoch {EPOCHS + 1}", first), first
     after = metrics_lines(fs, f"{copy}/metrics.jsonl")
     assert [m["epoch"] for m in after] == list(range(1, EPOCHS + 2))
     assert after[:EPOCHS] == before  # the resumed run built on the saved epochs, not a new start
     assert fs.exists(f"{copy}/checkpoints/epoch_{EPOCHS + 1:04d}/train_state.json")
+    train_clips = TRAIN_PER_CLASS * len(CLASSES) + BROKEN_TRAIN_CLIPS
+    assert re.search(rf"\[train\] cache train: 0 of (\d+) units reused, \1 decoded \({train_clips} videos, "
+                     rf"{BROKEN_TRAIN_CLIPS} errors", first), first
+    assert re.search(r"\[train\] cache val: 0 of (\d+) units reused, \1 decoded", first), first
 
-
-def test_a_worker_that_dies_mid_epoch_does_not_stop_the_run(ray_session, data, tmp_path: Path):
-    output = tmp_path / "run"
+    # A later run on the same inputs and spec: nothing is decoded again, not even after a restart.
     # With --grad-accum 2, the 5 batches per worker and epoch end on a shorter accumulation window.
-    status = train(data, str(output), "--epochs", "2", "--grad-accum", "2",
-                   "--fail-once-at-epoch", "2", "--max-failures", "1")
-    assert status == 0
+    output = tmp_path / "second"
+    assert train(data, str(output), "--epochs", "2", "--cache", cache, "--grad-accum", "2",
+                 "--fail-once-at-epoch", "2", "--max-failures", "1") == 0
+    second = capsys.readouterr().out
+    for split in ("train", "val"):
+        assert re.search(rf"\[train\] cache {split}: (\d+) of \1 units reused, 0 decoded;", second), second
+    # One line per epoch run: epoch 1 runs again when the worker died before Ray Train had
+    # registered its checkpoint (then the run restarts from the beginning; it depends on timing).
+    resumed = "[train] worker group resumes from the checkpoint of epoch 1" in second
+    assert [second.count(f"[train] epoch {e}/2: ") for e in (1, 2)] == [1 if resumed else 2, 1], second
     marker = json.loads((output / "fault_injected.json").read_text())
     assert marker == {"epoch": 2, "rank": 1}  # the fault did fire, in epoch 2, on the last rank
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -156,33 +171,14 @@ def test_a_worker_that_dies_mid_epoch_does_not_stop_the_run(ray_session, data, t
     assert (output / "checkpoints" / "epoch_0002" / "train_state.json").exists()
     load_checkpoint(output / "best")
 
-
-def test_training_through_the_cache_decodes_once_for_every_epoch_and_run(s3_run, data, tmp_path: Path, capsys):
-    cache = str(tmp_path / "cache")
-    capsys.readouterr()
-    assert train(data, str(tmp_path / "first"), "--epochs", "1", "--cache", cache) == 0
-    first = capsys.readouterr().out
-    train_clips = TRAIN_PER_CLASS * len(CLASSES) + BROKEN_TRAIN_CLIPS
-    assert re.search(rf"\[train\] cache train: 0 of (\d+) units reused, \1 decoded \({train_clips} videos, "
-                     rf"{BROKEN_TRAIN_CLIPS} errors", first), first
-    assert re.search(r"\[train\] cache val: 0 of (\d+) units reused, \1 decoded", first), first
-
-    # A later run on the same inputs and spec, of two epochs: nothing is decoded again.
-    assert train(data, str(tmp_path / "second"), "--epochs", "2", "--cache", cache) == 0
-    second = capsys.readouterr().out
-    for split in ("train", "val"):
-        assert re.search(rf"\[train\] cache {split}: (\d+) of \1 units reused, 0 decoded;", second), second
-    assert [second.count(f"[train] epoch {e}/2: ") for e in (1, 2)] == [1, 1]
-
     # The same metrics as training from the decode stage, over the same clips.
-    reference = metrics_lines(s3_run["fs"], f"{s3_run['output']}/metrics.jsonl")[0]
-    for run in ("first", "second"):
-        history = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        assert history[0].keys() == reference.keys()
+    reference = before[0]
+    for last in (after[-1], history[-1]):
+        assert last.keys() == reference.keys()
         for key in ("train_clips", "train_skipped_errors", "train_skipped_unlabelled", "val_count",
                     "val_skipped_errors", "val_skipped_unlabelled"):
-            assert history[-1][key] == reference[key], key
-        assert sum(map(sum, history[-1]["val_confusion"])) == reference["val_count"]
+            assert last[key] == reference[key], key
+        assert sum(map(sum, last["val_confusion"])) == reference["val_count"]
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
