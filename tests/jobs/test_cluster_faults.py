@@ -324,7 +324,7 @@ def train_data(tmp_path_factory) -> dict[str, str]:
 def test_train_losing_a_worker_node_resumes_from_its_last_checkpoint_and_finishes(
     cluster, train_data, tmp_path, record_property
 ):
-    epochs = 4
+    epochs = 3
     output = tmp_path / "run"
     argv = ["train", "--train", train_data["train"], "--val", train_data["val"], "--output", str(output),
             "--config", train_data["config"], "--workers", "2", "--batch-size", "4", "--epochs", str(epochs),

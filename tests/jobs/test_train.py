@@ -198,28 +198,6 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path
             assert torch.equal(value, got["state"][index][name]), (index, name)
 
 
-def test_a_run_whose_validation_reads_no_clip_stops_with_the_reason_and_exports_nothing(
-    ray_session, data, tmp_path: Path, capsys
-):
-    make_dataset(tmp_path / "train", 1, seed=0, **CLIP)
-    for i, label in enumerate(CLASSES):  # validation clips that are not videos at all
-        (tmp_path / "val" / label).mkdir(parents=True)
-        (tmp_path / "val" / label / f"noise_{i}.mp4").write_bytes(bytes(range(256)) * 8)
-    for split in ("train", "val"):
-        pack(str(tmp_path / split), str(tmp_path / "shards" / split), shard_size=3)
-    output = tmp_path / "run"
-    capsys.readouterr()
-    status = cli.main(["train", "--train", str(tmp_path / "shards" / "train"), "--val", str(tmp_path / "shards" / "val"),
-                       "--output", str(output), "--config", data["config"], "--workers", "1", "--epochs", "2"])
-
-    assert status == 2
-    err = capsys.readouterr().err
-    assert re.search(r"^error: not_media: no validation clip could be used \(failed: not_media: 3\); first: ", err,
-                     flags=re.M), err
-    assert not (output / "best").exists() and not (output / "metrics.jsonl").exists()
-    assert not list(output.glob("checkpoints/epoch_*"))
-
-
 def test_user_mistakes_are_errors_not_tracebacks(data, tmp_path: Path, capsys):
     assert cli.main(["train", "--train", data["train"], "--val", data["val"],
                      "--output", str(tmp_path), "--epochs", "0", "--preset", "tiny"]) == 2
