@@ -45,6 +45,7 @@ from ray_jobs import watchdog
 from ray_jobs.decode_stage import FAULT_INJECT_ENV
 from ray_jobs.pack import pack
 from ray_jobs.storage import StorageError
+from tests.processes import pids_naming
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -82,17 +83,6 @@ def _tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, []))
     return out
-
-
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
 
 
 def _kill(pids: list[int]) -> None:
@@ -175,7 +165,7 @@ class LoopbackCluster:
         node, temp = self.nodes.pop(name)
         _kill(list(reversed(_tree(node.pid))))
         node.wait(timeout=30)
-        _kill(_pids_naming(temp))
+        _kill(pids_naming(temp))
         shutil.rmtree(temp, ignore_errors=True)
         Path(f"{temp}.out").unlink(missing_ok=True)
 

@@ -38,6 +38,7 @@ from groupemotion_core.schema import CLASSES, PROB_COLUMNS
 from groupemotion_core.synthetic import SyntheticClip, render_clip
 from ray_jobs import storage
 from ray_jobs.pack import pack
+from tests.processes import pids_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -105,26 +106,14 @@ def _stop(head: subprocess.Popen, temp_dir: str) -> None:
     except ProcessLookupError:
         pass
     head.wait(timeout=10)
-    for pid in _pids_naming(temp_dir):
+    for pid in pids_naming(temp_dir):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     time.sleep(1)
     shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not _pids_naming(temp_dir), "a process of the test's Ray survived its teardown"
-
-
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains `text` (Linux /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
+    assert not pids_naming(temp_dir), "a process of the test's Ray survived its teardown"
 
 
 def test_infer_runs_through_ray_job_submit_with_token_auth(ray_head, tmp_path):
