@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,22 +44,12 @@ from ray_jobs import watchdog
 from ray_jobs.decode_stage import FAULT_INJECT_ENV
 from ray_jobs.pack import pack
 from ray_jobs.storage import StorageError
-from tests.processes import pids_naming
+from tests.processes import free_ports, pids_naming
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 STALL_S = 60  # above a normal gap between batches on a busy 2-core machine, for the tests' runs
 LONG = {0, 5}  # of the 12 infer clips, these are 7 s long: two windows each
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _children() -> dict[int, list[int]]:
@@ -106,7 +95,7 @@ class LoopbackCluster:
         self.address = ""
 
     def start_head(self) -> None:
-        port, client = _free_ports(2)
+        port, client = free_ports(2)
         self.address = f"127.0.0.1:{port}"
         self._start("head", ["--head", f"--port={port}", f"--ray-client-server-port={client}",
                              "--include-dashboard=false", "--num-cpus=0"])
@@ -117,7 +106,7 @@ class LoopbackCluster:
     def _start(self, name: str, args: list[str], tries: int = 2) -> None:
         for attempt in range(tries):
             temp = tempfile.mkdtemp(prefix=f"rc-{name}-", dir="/tmp")  # short: socket paths
-            ports = _free_ports(6)
+            ports = free_ports(6)
             log = open(f"{temp}.out", "w")
             node = subprocess.Popen(
                 [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",

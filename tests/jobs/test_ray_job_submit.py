@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,26 +37,16 @@ from groupemotion_core.schema import CLASSES, PROB_COLUMNS
 from groupemotion_core.synthetic import SyntheticClip, render_clip
 from ray_jobs import storage
 from ray_jobs.pack import pack
-from tests.processes import pids_naming
+from tests.processes import free_ports, pids_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture
 def ray_head(s3_server):
     """A token-protected Ray head on 127.0.0.1: yields (dashboard URL, env for Ray CLI calls)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-submit-", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
