@@ -47,7 +47,7 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
 from groupemotion_core.spec import WindowPlan
 from ray_jobs import predict, storage
-from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time, watched
+from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +101,7 @@ def evaluate(
     collector = predict.VideoCollector()
     progress = Progress("eval", predict.video_count(uris), "videos")
     try:
-        batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
-        for batch in watched(batches, stall_timeout_s, "no labelled window reached the driver"):
+        for batch in predict.driver_batches(predictions, stall_timeout_s):
             for row in batch.to_pylist():
                 rows = collector.add(row)
                 if rows is None:

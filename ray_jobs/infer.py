@@ -90,12 +90,13 @@ from ray_jobs.label_writer import LabelWriter, Summary, plan_units
 from ray_jobs.predict import (
     PredictOptions,
     add_prediction_arguments,
+    driver_batches,
     predict,
     prediction_options,
     video_count,
     window_plan,
 )
-from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time, watched
+from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -161,9 +162,8 @@ def infer(
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note)
     predictions = predict(todo, model_ref, cfg.decode_spec(), plan, options, shard_ends=True)
-    batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
-        for batch in watched(batches, stall_timeout_s, "no labelled window reached the driver"):
+        for batch in driver_batches(predictions, stall_timeout_s):
             writer.add(batch)
         writer.finish()
     finally:

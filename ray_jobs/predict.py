@@ -150,6 +150,15 @@ def predict(
     )
 
 
+def driver_batches(predictions, stall_timeout_s: float):
+    """The prediction rows as they reach the driver, a pyarrow batch at a time, under the stall
+    watchdog (`watchdog.watched`): infer's and eval's one loop over the stream."""
+    from ray_jobs.watchdog import watched
+
+    batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
+    return watched(batches, stall_timeout_s, "no labelled window reached the driver")
+
+
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
                shard_ends: bool = False):
     """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
