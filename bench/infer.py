@@ -21,10 +21,16 @@ first 5 s of each video with the same DecodeSpec:
   threads), run the model on it alone, append its row to a Parquet file.
 - job: the `groupemotion infer` command with its default sizing, on a local Ray it starts itself;
   wall time of the whole command, Ray's start included.
+- job on a running Ray: the same command with RAY_ADDRESS set to a Ray head that the bench
+  started beforehand on loopback (`ray start --head`, token auth, as many logical CPUs as the
+  embedded Ray gets), as a job reaches a cluster that is up: its wall time leaves out Ray's own
+  start (the daemons, the workers Ray prestarts), not the job's (its actors, the model's import).
+  Its CPU and memory figures count the head's processes too.
 Then the job once more on 4x the videos, for memory, and for the rate once Ray's fixed costs
 (its start, its workers', the model's import) are spread over more videos.
 
-Figures: `videos_per_s` of each; `job_vs_ceiling` and `job_vs_naive` (targets >= 0.8 and >= 1.2);
+Figures: `videos_per_s` of each; `job_vs_ceiling` and `job_vs_naive` (targets >= 0.8 and >= 1.2),
+and the same two for the job on a running Ray;
 `cpu_busy_cores`, the CPU time of the process and all its descendants over its wall time (how
 many cores it kept busy) and `cpu_s_per_video`, the same CPU time per video, which other work on
 a shared machine does not change the way it changes wall times; `peak_driver_rss_mib` (the
@@ -37,7 +43,8 @@ seconds by what its processes were doing (the driver, Ray's daemons, Ray workers
 Data's own actors, read tasks, decode actors around their decoder children, the children, the
 model actors' start and batches), and `ray_data_stats`, the per-operator lines of Ray Data's
 statistics for the job (from the job's `ray-data.log`). `load_1m_before`/`load_1m_after`: the
-machine's load average around each run, other work included.
+machine's load average around each run, other work included; `sampler_cpu_s`: the CPU the
+bench's own sampling (4 times a second) took beside the run, on the same cores.
 
 Prints one JSON object on stdout; the runs' own output goes to stderr.
 """
@@ -45,12 +52,16 @@ Prints one JSON object on stdout; the runs' own output goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import io
 import json
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -90,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         tmp = Path(tmp)
         originals = _generate(args.originals or tmp / "originals", args.distinct)
-        ceiling, naive = {}, {}
+        ceiling, naive, on_cluster = {}, {}, {}
         runs = []
         for n in (args.videos, 4 * args.videos)[: 1 if args.no_memory_run else 2]:
             shards = _shards(originals, tmp / f"{n}", n, args.shard_size)
@@ -101,7 +112,12 @@ def main() -> None:
                                         args.model])
                 naive.update(json.loads(out.strip().splitlines()[-1]))
             runs.append(_job(shards, tmp / f"labels-{n}", tmp / f"ray-{n}", args.model, n))
-        for figures, n in ((ceiling, args.videos), (naive, args.videos), *zip(runs, (args.videos, 4 * args.videos))):
+            if not on_cluster:
+                with _running_ray() as (env, head):
+                    on_cluster = _job(shards, tmp / f"labels-{n}-cluster", Path(env["RAY_TMPDIR"]), args.model, n,
+                                      env=env, head=head)
+        for figures, n in ((ceiling, args.videos), (naive, args.videos), (on_cluster, args.videos),
+                           *zip(runs, (args.videos, 4 * args.videos))):
             figures["cpu_s_per_video"] = round(figures["cpu_busy_cores"] * figures["process_wall_s"] / n, 3)
         job = runs[0]
         report = {
@@ -117,6 +133,9 @@ def main() -> None:
             "job": job,
             "job_vs_ceiling": round(job["videos_per_s"] / ceiling["videos_per_s"], 3),
             "job_vs_naive": round(job["videos_per_s"] / naive["videos_per_s"], 3),
+            "job_on_running_ray": on_cluster,
+            "job_on_running_ray_vs_ceiling": round(on_cluster["videos_per_s"] / ceiling["videos_per_s"], 3),
+            "job_on_running_ray_vs_naive": round(on_cluster["videos_per_s"] / naive["videos_per_s"], 3),
         }
         if len(runs) == 2:
             report["job_4x"] = runs[1]
@@ -211,14 +230,17 @@ def _shards(originals: list[Path], folder: Path, count: int, shard_size: int) ->
 # --- the three ways -------------------------------------------------------------------------------
 
 
-def _job(shards: Path, output: Path, ray_tmp: Path, model: str, videos: int) -> dict:
-    """The `groupemotion infer` command as a user runs it; its Ray logs in a folder of its own."""
-    ray_tmp.mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
+def _job(shards: Path, output: Path, ray_tmp: Path, model: str, videos: int, *, env: dict | None = None,
+         head: int | None = None) -> dict:
+    """The `groupemotion infer` command as a user runs it: on the Ray in `env`'s RAY_ADDRESS, whose
+    head process is `head`, or else on a local Ray it starts, its logs in `ray_tmp`."""
+    if env is None:
+        ray_tmp.mkdir()
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+        env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "ray_jobs.cli", "infer", str(shards / "manifest.json"), "--model", model,
            "--output", str(output), "--windows", "first"]
-    out, figures = _measured(cmd, env)
+    out, figures = _measured(cmd, env, also=head)
     summary = json.loads((output / "_SUCCESS").read_text())
     if summary["videos"] != videos or summary["errors"]:
         raise SystemExit(f"the job labelled {summary['videos']} of {videos} videos, errors {summary['errors']}")
@@ -226,6 +248,45 @@ def _job(shards: Path, output: Path, ray_tmp: Path, model: str, videos: int) -> 
     figures["job_own_seconds"] = round(summary["seconds"], 2)
     figures["ray_data_stats"] = _ray_data_stats(ray_tmp)
     return figures
+
+
+@contextlib.contextmanager
+def _running_ray():
+    """A Ray head on loopback for the job to join, as a cluster that is up: yields (the job's env,
+    the head's pid). `ray start --block` in a session of its own, with its own temp dir and token;
+    stopped by its process group, so only this bench's Ray processes end."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # short: Ray's socket paths must fit
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=false", "--disable-usage-stats", f"--num-cpus={max(4, os.cpu_count() or 1)}",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env=env,
+                             capture_output=True).returncode != 0:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the bench's Ray head did not start")
+            time.sleep(1)
+        time.sleep(5)  # the head settles: its processes idle, as on a cluster waiting for jobs
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_TMPDIR": str(temp_dir)}, head.pid
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=15)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray_data_stats(ray_tmp: Path) -> list[str]:
@@ -326,8 +387,9 @@ def _shard_videos(shards: Path):
 # --- measuring a process --------------------------------------------------------------------------
 
 
-def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
-    """Run `cmd`, sampling its process tree; return (stdout, figures). Its stderr goes to ours.
+def _measured(cmd: list[str], env: dict | None = None, also: int | None = None) -> tuple[str, dict]:
+    """Run `cmd`, sampling its process tree, and the tree of process `also` when given (a Ray
+    head the command works on); return (stdout, figures). Its stderr goes to ours.
 
     Besides the totals, `cpu_s_by_part` splits the tree's CPU seconds by what each process was
     doing when sampled (`_part`: the driver, Ray's daemons, workers starting, each stage's actors
@@ -341,9 +403,15 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
     by_part: dict[str, float] = {}
     stop = threading.Event()
 
+    roots = [proc.pid] if also is None else [proc.pid, also]
+    # The head's processes count from what they have used by now: CPU before the run is not its.
+    cpu.update({pid: _cpu_seconds(pid) for root in roots[1:] for pid in [root, *_descendants(root)]})
+    before = dict(cpu)
+    sampler_cpu = [0.0]
+
     def sample():
         while not stop.is_set():
-            pids = [proc.pid, *_descendants(proc.pid)]
+            pids = [pid for root in roots for pid in [root, *_descendants(root)]]
             rss = {pid: _rss_mib(pid) for pid in pids}
             peaks["peak_driver_rss_mib"] = max(peaks["peak_driver_rss_mib"], rss[proc.pid])
             peaks["peak_tree_rss_mib"] = max(peaks["peak_tree_rss_mib"], sum(rss.values()))
@@ -353,7 +421,8 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
                     role = "driver" if pid == proc.pid else _part(pid)
                     by_part[role] = by_part.get(role, 0.0) + seconds - cpu.get(pid, 0.0)
                     cpu[pid] = seconds
-            stop.wait(0.1)
+            sampler_cpu[0] = time.thread_time()
+            stop.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -363,7 +432,9 @@ def _measured(cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed with exit status {proc.returncode}")
-    return out, {"process_wall_s": round(wall, 2), "cpu_busy_cores": round(sum(cpu.values()) / wall, 2),
+    used = sum(cpu.values()) - sum(before.values())
+    return out, {"process_wall_s": round(wall, 2), "cpu_busy_cores": round(used / wall, 2),
+                 "sampler_cpu_s": round(sampler_cpu[0], 2),
                  **{k: round(v, 1) for k, v in peaks.items()},
                  "load_1m_before": round(load_before, 2), "load_1m_after": round(os.getloadavg()[0], 2),
                  "cpu_s_by_part": {k: round(v, 2) for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])}}
