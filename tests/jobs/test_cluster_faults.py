@@ -49,6 +49,9 @@ from tests.processes import free_ports, pids_naming
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 STALL_S = 60  # above a normal gap between batches on a busy 2-core machine, for the tests' runs
+# A run that has lost a node either goes on within this (its lost actors restarted elsewhere) or
+# is stopped by the watchdog: the test accepts both, and a shorter wait ends the second sooner.
+LOST_NODE_STALL_S = 30
 LONG = {0, 5}  # of the 12 infer clips, these are 7 s long: two windows each
 
 
@@ -252,26 +255,26 @@ def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everythi
 ):
     output = tmp_path / "labels"
     argv = ["infer", infer_data["shards"], "--model", infer_data["model"], "--output", str(output),
-            "--batch-size", "2", "--stall-timeout", str(STALL_S)]
-    job = Output(cluster.job(argv))
+            "--batch-size", "2", "--stall-timeout"]
+    job = Output(cluster.job([*argv, str(LOST_NODE_STALL_S)]))
     assert job.wait_for(lambda: job.has("committed part-"), timeout_s=300), job.lines[-20:]
     committed_before_loss = sum("committed part-" in line for _, line in job.lines)
     cluster.lose("cpu")  # a decode actor and the read tasks' CPUs; the model's node stays
     lost_at = time.monotonic()
-    code, printed = job.finish(timeout_s=STALL_S + 240)
+    code, printed = job.finish(timeout_s=LOST_NODE_STALL_S + 240)
     record_property("infer_decode_node_lost", f"exit {code} {time.monotonic() - lost_at:.1f} s after the loss")
 
     # It ends by itself: finished, or stopped by the watchdog with one line, never a traceback.
-    assert time.monotonic() - lost_at < STALL_S + 180
+    assert time.monotonic() - lost_at < LOST_NODE_STALL_S + 180
     assert "Traceback" not in printed, printed[-3000:]
     if code != 0:
         assert code == 2, printed[-3000:]
-        assert printed.splitlines()[-1].startswith(("error: stalled: no progress for 60 s", "error: worker_lost: ")), \
-            printed[-1000:]
+        assert printed.splitlines()[-1].startswith(
+            (f"error: stalled: no progress for {LOST_NODE_STALL_S} s", "error: worker_lost: ")), printed[-1000:]
         assert not (output / "_SUCCESS").exists()
 
     cluster.add_node("cpu-replacement", cpus=2)  # as the autoscaler would
-    rerun = Output(cluster.job(argv))
+    rerun = Output(cluster.job([*argv, str(STALL_S)]))
     code, printed = rerun.finish(timeout_s=600)
     record_property("infer_rerun_after_node_loss", f"exit {code} after {time.monotonic() - rerun.started:.1f} s")
     assert code == 0, printed[-3000:]

@@ -8,7 +8,8 @@ environment, so the entrypoint is that environment's python with no working_dir 
 Stopping only this Ray: `ray stop` would stop every Ray on the machine (other tests, other users),
 so the head runs as `ray start --block` in a new session with its own --temp-dir and a private
 port for everything that has a fixed default. Teardown sends SIGTERM to that session's process
-group (`ray start --block` then stops the processes it started), waits, SIGKILLs the group, and
+group (`ray start --block` then stops the processes it started), gives it a few seconds (its
+graceful stop takes longer than the test needs), SIGKILLs the group, and
 finally kills any process whose command line names the private temp dir (Ray's workers start
 their own process groups but carry the session path). Nothing else is touched.
 """
@@ -87,7 +88,7 @@ def _wait_for_job_api(url: str, env: dict, head: subprocess.Popen, timeout_s: fl
 def _stop(head: subprocess.Popen, temp_dir: str) -> None:
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=10)
+        head.wait(timeout=3)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:
