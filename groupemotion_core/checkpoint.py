@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +24,9 @@ from safetensors.torch import load_model, save_model
 
 from groupemotion_core.config import ModelConfig
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
+
+if TYPE_CHECKING:
+    from groupemotion_core.model import GroupEmotionModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -79,6 +82,8 @@ def load_checkpoint(
         raise GroupEmotionError("bad_checkpoint", f"{CONFIG_NAME}: {e.detail}") from None
     if list(config["labels"]) != list(cfg.labels):
         raise GroupEmotionError("bad_checkpoint", f"labels {config['labels']} differ from the model's {cfg.labels}")
+    from groupemotion_core.model import GroupEmotionModel  # timm and transformers: only where a model is built
+
     model = GroupEmotionModel(cfg).to(map_location)  # load_model copies into existing tensors
     try:
         load_model(model, str(weights), strict=True, device=str(map_location))
@@ -87,6 +92,30 @@ def load_checkpoint(
     except RuntimeError as e:
         raise GroupEmotionError("bad_checkpoint", f"{weights} does not fit {CONFIG_NAME}: {e}") from None
     return model.eval(), config
+
+
+def export_checkpoint(source: str | os.PathLike, directory: str | os.PathLike, **metadata: Any) -> str:
+    """Copy the checkpoint in `source` into `directory` with `metadata` in place of its own, and
+    return its model_id: what save_checkpoint(load_checkpoint(source)[0], directory, **metadata)
+    writes, without building the model (the weights are checked against the model_id that
+    source's config.json records, byte for byte, not loaded)."""
+    clash = [k for k in _RESERVED if k in metadata]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved in config.json")
+    source, directory = Path(source), Path(directory)
+    config = _read_config(source / CONFIG_NAME)
+    weights = source / WEIGHTS_NAME
+    if not weights.is_file() or _file_id(weights) != config["model_id"]:
+        raise GroupEmotionError("bad_checkpoint", f"{weights} is missing or not the weights that {CONFIG_NAME} describes")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    shutil.copyfile(weights, tmp)
+    os.replace(tmp, directory / WEIGHTS_NAME)
+    text = json.dumps({**{k: config[k] for k in _RESERVED}, **metadata}, indent=2)
+    tmp = directory / (CONFIG_NAME + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, directory / CONFIG_NAME)
+    return config["model_id"]
 
 
 def _read_config(path: Path) -> dict[str, Any]:

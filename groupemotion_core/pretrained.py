@@ -22,23 +22,27 @@ legacy key names), and the result is copied strictly into the model, so weights 
 architecture or size are refused. Pickle files are refused, never loaded: unpickling runs code.
 `groupemotion weights convert` (groupemotion_core.convert) is the explicit step that turns one
 into safetensors.
+
+timm and transformers are imported where weights are loaded, not where sources are resolved:
+the train driver resolves and records them (`describe`) but never builds a model, and importing
+both costs a process about five CPU-seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
 from safetensors import SafetensorError
-from timm.models._hub import load_model_config_from_path
-from torch import nn
-from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
 from groupemotion_core.convert import WEIGHTS_NAME, sha256_file
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from groupemotion_core.model import GroupEmotionModel
 
 # What a hub snapshot fetches: the weights and the JSON that describes them, never a pickle.
 HUB_FILES = ("config.json", "preprocessor_config.json", WEIGHTS_NAME)
@@ -114,6 +118,8 @@ def parse_hub_id(source: str, kind: str) -> tuple[str, str | None]:
     if pinned and not revision:
         raise GroupEmotionError("bad_weights", f"{source}: empty revision after '@'")
     if kind == "vision" and "/" not in name:
+        import timm
+
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg is None or not cfg.hf_hub_id:
             raise GroupEmotionError("bad_weights", f"{source}: not a local path, a hub id, or a timm "
@@ -164,6 +170,9 @@ def _local_weights(path: Path, kind: str, source: str) -> Path:
 
 
 def _load_vision(model: GroupEmotionModel, weights: WeightsSource) -> None:
+    import timm
+    from timm.models._hub import load_model_config_from_path
+
     cfg = model.config.vision
     overlay: dict[str, Any] = {"file": str(weights.weights_file)}
     try:
@@ -188,6 +197,8 @@ def _load_vision(model: GroupEmotionModel, weights: WeightsSource) -> None:
 
 
 def _load_audio(model: GroupEmotionModel, weights: WeightsSource) -> None:
+    from transformers import HubertModel
+
     try:
         # use_safetensors=True: transformers refuses a directory holding only pickles.
         pretrained = HubertModel.from_pretrained(str(weights.path), use_safetensors=True)
@@ -207,6 +218,8 @@ def _adopt_feature_extractor_settings(model: GroupEmotionModel, directory: Path)
     """
     if not (directory / "preprocessor_config.json").is_file():
         return
+    from transformers import Wav2Vec2FeatureExtractor
+
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(directory))
     audio_cfg = model.config.audio
     audio_cfg.do_normalize = model.audio.do_normalize = bool(extractor.do_normalize)

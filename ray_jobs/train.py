@@ -307,8 +307,6 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.train_loop import train_func_per_worker
-
     loop_config = {
         "model": run_config["model"],
         "epochs": args.epochs,
@@ -325,7 +323,7 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
         "pulse": pulse,
     }
     return TorchTrainer(
-        train_func_per_worker,
+        _train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu),
         run_config=RunConfig(
@@ -340,20 +338,27 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
     )
 
 
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's function for each worker. The training loop's module, with the model stack
+    (torch, timm, transformers), is imported here, in the worker: the driver and Ray Train's
+    controller only pass the function on, and importing that stack first in the driver, then in
+    the controller, would hold up the workers' start by about ten seconds."""
+    from ray_jobs.train_loop import train_func_per_worker
+
+    train_func_per_worker(config)
+
+
 def _export_best(result, output: str) -> None:
     """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format."""
-    from groupemotion_core.checkpoint import load_checkpoint, save_checkpoint
+    from groupemotion_core.checkpoint import export_checkpoint
 
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "val_accuracy" in m]
     if not scored:
         raise GroupEmotionError("no_checkpoint", f"no epoch of {output} finished; nothing to export")
     checkpoint, metrics = max(scored, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["epoch"]))
-    with checkpoint.as_directory() as directory:
-        model, _ = load_checkpoint(directory)
-    with tempfile.TemporaryDirectory(prefix="groupemotion-best-") as directory:
-        model_id = save_checkpoint(model, directory, epoch=metrics["epoch"],
-                                   val_accuracy=metrics["val_accuracy"],
-                                   val_macro_f1=metrics["val_macro_f1"])
+    with checkpoint.as_directory() as source, tempfile.TemporaryDirectory(prefix="groupemotion-best-") as directory:
+        model_id = export_checkpoint(source, directory, epoch=metrics["epoch"], val_accuracy=metrics["val_accuracy"],
+                                     val_macro_f1=metrics["val_macro_f1"])
         storage.upload_dir(directory, storage.join(output, BEST))
     print(f"[train] best epoch {metrics['epoch']}: val_accuracy={metrics['val_accuracy']:.4f} "
           f"val_macro_f1={metrics['val_macro_f1']:.4f}; exported to {storage.join(output, BEST)} "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import MAX_CONFIG_BYTES, load_checkpoint, save_checkpoint
+from groupemotion_core.checkpoint import MAX_CONFIG_BYTES, export_checkpoint, load_checkpoint, save_checkpoint
 from groupemotion_core.config import preset
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model import GroupEmotionModel
@@ -76,6 +76,23 @@ def test_round_trip_gives_identical_logits(model, tmp_path):
 def test_metadata_cannot_overwrite_reserved_keys(model, tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(model, tmp_path, labels=["a"])
+
+
+def test_export_writes_what_saving_the_loaded_model_writes_and_refuses_other_weights(saved, tmp_path):
+    loaded, _ = load_checkpoint(saved)
+    resaved = save_checkpoint(loaded, tmp_path / "resaved", epoch=5, val_macro_f1=0.25)
+    assert export_checkpoint(saved, tmp_path / "exported", epoch=5, val_macro_f1=0.25) == resaved
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "exported" / name).read_bytes() == (tmp_path / "resaved" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="reserved"):
+        export_checkpoint(saved, tmp_path / "clash", model_id="abc")
+
+    torch.manual_seed(1)
+    save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "other")
+    (saved / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    _expect_bad("bad_checkpoint", export_checkpoint, saved, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("kind", ["torch_save", "raw_pickle"])
