@@ -1,0 +1,1 @@
+"""What every job needs around its stages: connecting to Ray, the console a person reads, and the stall watchdog."""
