@@ -5,7 +5,7 @@ Usage: python bench/decode.py [--clips N] [--repeat N]
 Prints one JSON object: `clips_per_s` maps a decoder's name to clips per second (8 frames and the
 audio of one 5 s 720p H.264 + AAC clip, given as bytes in memory as the pipelines give it), and
 `cpu_s_per_clip` the CPU seconds each spent per clip, summed over its threads.
-The clips are generated here rather than by groupemotion_core.synthetic: its per-pixel noise
+The clips are generated here rather than by groupemotion_core.media.synthetic: its per-pixel noise
 makes H.264 at 720p some 30x the bitrate of a web video, so the benchmark would time the entropy
 decoder instead of what a real clip costs. These have smooth moving shapes, x264 `veryfast`
 with B-frames, 30 fps, and 44.1 kHz stereo AAC, so the audio has to be resampled as usual.
@@ -27,7 +27,7 @@ import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from groupemotion_core.media import DecodeSpec, decode_clip  # noqa: E402
+from groupemotion_core.media.decode import DecodeSpec, decode_clip  # noqa: E402
 
 WIDTH, HEIGHT, FPS, SECONDS, AUDIO_RATE = 1280, 720, 30, 5.0, 44100
 SPEC = DecodeSpec()

@@ -8,7 +8,7 @@ quarter of every batch has no audio track (audio_len 0) and one clip has half a 
 audio masking runs on the device too: every logit, the loss and every gradient must be finite
 (reported, and exit status 1 if not).
 
-- train: the step of ray_jobs.train_loop (bf16 autocast, label-smoothed loss in fp32, the
+- train: the step of ray_jobs.train.loop (bf16 autocast, label-smoothed loss in fp32, the
   project's Adam groups), timed over --steps after --warmup: clips/s, peak memory allocated,
   and model FLOPs utilisation, the FLOPs of one step (counted by torch's FlopCounterMode,
   forward and backward) per second over the device's dense bf16 peak, looked up from its name
@@ -35,9 +35,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from groupemotion_core.config import preset  # noqa: E402
-from groupemotion_core.model import GroupEmotionModel  # noqa: E402
-from groupemotion_core.training import build_optimizer, loss_fn  # noqa: E402
+from groupemotion_core.model.config import preset  # noqa: E402
+from groupemotion_core.model.classifier import GroupEmotionModel  # noqa: E402
+from groupemotion_core.model.training import build_optimizer, loss_fn  # noqa: E402
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendor's data sheets, first match wins.
 BF16_DENSE_PEAK_FLOPS = (

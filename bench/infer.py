@@ -94,7 +94,7 @@ def main() -> None:
     if args.naive:
         return _naive(*args.naive)
 
-    from ray_jobs.model_ref import describe_model_ref
+    from ray_jobs.predict.model_ref import describe_model_ref
 
     spec = describe_model_ref(args.model)[0].decode_spec()
     load_at_start = round(os.getloadavg()[0], 2)
@@ -215,7 +215,7 @@ def _voice(seconds: float, rng):
 
 def _shards(originals: list[Path], folder: Path, count: int, shard_size: int) -> Path:
     """`count` copies of the originals under distinct names, packed into tar shards."""
-    from ray_jobs.pack import pack
+    from ray_jobs.commands.pack import pack
 
     videos = folder / "videos"
     videos.mkdir(parents=True)
@@ -322,19 +322,19 @@ _SPEC = None
 
 def _pool_init(spec_json: str) -> None:
     global _SPEC
-    from groupemotion_core.spec import DecodeSpec
+    from groupemotion_core.media.spec import DecodeSpec
 
     _SPEC = DecodeSpec(**{**json.loads(spec_json), "threads": 1})
 
 
 def _ready(_) -> None:
-    import groupemotion_core.media  # noqa: F401  (what every process needs, loaded before the clock starts)
+    import groupemotion_core.media.decode  # noqa: F401  (what every process needs, loaded before the clock starts)
 
     time.sleep(0.2)  # each process takes one, so all of them are up
 
 
 def _decode_one(data: bytes) -> int:
-    from groupemotion_core.media import decode_clip
+    from groupemotion_core.media.decode import decode_clip
 
     decode_clip(data, _SPEC)
     return 1
@@ -348,9 +348,9 @@ def _naive(shards: str, output: str, model_ref: str) -> None:
     import torch
 
     from groupemotion_core.errors import GroupEmotionError
-    from groupemotion_core.media import decode_clip
+    from groupemotion_core.media.decode import decode_clip
     from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow
-    from ray_jobs.model_ref import load_model_ref
+    from ray_jobs.predict.model_ref import load_model_ref
 
     started = time.perf_counter()
     model, info = load_model_ref(model_ref, warn=False)
@@ -458,7 +458,7 @@ def _part(pid: int) -> str:
         return "other"
     title = words[0].split(" ")[0]
     program = os.path.basename(next((w for w in words[1:] if w.endswith(".py")), words[0]))
-    if "ray_jobs.decode_child" in words:
+    if "ray_jobs.decode.child" in words:
         return "decoder children"
     if "_DecodeBatch" in title:
         return "decode actors (around the children)"

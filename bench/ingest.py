@@ -3,7 +3,7 @@
   python bench/ingest.py [--clips 48] [--width 320] [--height 240] [--seconds 5] [--actors N]
 
 Generates the clips once into a temporary folder, then decodes all of them three ways with the
-default DecodeSpec: `groupemotion_core.media.decode_clip` in a loop in this process (the baseline),
+default DecodeSpec: `groupemotion_core.media.decode.decode_clip` in a loop in this process (the baseline),
 and the inference job's read stage (`predict.read_stage`) + `decode_dataset` on a local Ray, once
 over the plain video files and once over tar shards written by `pack`, one window per clip
 (`FIRST_WINDOW`, as training reads them).
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from groupemotion_core.media import DecodeSpec, decode_clip
-from groupemotion_core.spec import FIRST_WINDOW
-from groupemotion_core.synthetic import make_dataset
+from groupemotion_core.media.decode import DecodeSpec, decode_clip
+from groupemotion_core.media.spec import FIRST_WINDOW
+from groupemotion_core.media.synthetic import make_dataset
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
             decode_clip((videos / rel).read_bytes(), spec)
         loop_s = time.perf_counter() - started
 
-        from ray_jobs.pack import pack
+        from ray_jobs.commands.pack import pack
 
         pack(str(videos), str(shards), shard_size=args.shard_size, progress=io.StringIO())
         ray_plain = _through_ray(str(videos), spec, args, clips)
@@ -78,10 +78,10 @@ def main() -> None:
 def _through_ray(uri: str, spec: DecodeSpec, args, clips: int) -> dict:
     from ray.data import DataContext
 
-    from ray_jobs.decode_stage import decode_dataset
-    from ray_jobs.runtime import ensure_ray
-    from ray_jobs.predict import PredictOptions, bound_object_store, read_stage, video_count
-    from ray_jobs.sources import list_inputs
+    from ray_jobs.decode.stage import decode_dataset
+    from ray_jobs.runtime.session import ensure_ray
+    from ray_jobs.predict.pipeline import PredictOptions, bound_object_store, read_stage, video_count
+    from ray_jobs.inputs.sources import list_inputs
 
     ensure_ray(num_cpus=args.actors + 1)
     DataContext.get_current().enable_progress_bars = False

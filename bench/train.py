@@ -35,8 +35,8 @@ from decode import make_clip  # noqa: E402  (bench/decode.py: the web-like clip 
 
 from groupemotion_core.schema import CLASSES  # noqa: E402
 from ray_jobs import cli  # noqa: E402
-from ray_jobs.pack import pack  # noqa: E402
-from ray_jobs.runtime import ensure_ray  # noqa: E402
+from ray_jobs.commands.pack import pack  # noqa: E402
+from ray_jobs.runtime.session import ensure_ray  # noqa: E402
 
 TARGET = 3.0  # a cached epoch at least this many times an uncached one
 
@@ -70,8 +70,8 @@ def run_train(train: str, val: str, output: Path, flags: list[str]) -> dict:
 
 def fill(cache_uri: str, splits: list[str], spec) -> float:
     """Seconds to decode the splits into the cache, as `train --cache` does before its first epoch."""
-    from groupemotion_core.spec import FIRST_WINDOW
-    from ray_jobs.clip_cache import ClipCache
+    from groupemotion_core.media.spec import FIRST_WINDOW
+    from ray_jobs.train.clip_cache import ClipCache
 
     cache = ClipCache(cache_uri, spec, FIRST_WINDOW)
     started = time.monotonic()
@@ -88,8 +88,8 @@ def cache_fidelity(cache_root: Path, sources: dict[str, Path], spec) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from groupemotion_core.media import decode_clip
-    from ray_jobs.clip_cache import AUDIO_PCM16, FRAMES_JPEG, decode_audio, decode_frames
+    from groupemotion_core.media.decode import decode_clip
+    from ray_jobs.train.clip_cache import AUDIO_PCM16, FRAMES_JPEG, decode_audio, decode_frames
 
     files = sorted(cache_root.glob("unit-*.parquet"))
     rows = sum(pq.read_metadata(f).num_rows for f in files)
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    from groupemotion_core.config import preset
+    from groupemotion_core.model.config import preset
 
     result: dict = {"cpu_count": os.cpu_count(), "clips": args.clips, "epochs": args.epochs,
                     "workers": args.workers, "video": "720p H.264 + AAC, 5 s (bench/decode.py)"}

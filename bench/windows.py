@@ -31,15 +31,15 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import make_clip  # noqa: E402
-from groupemotion_core.media import DecodeSpec, decode_clip, decode_windows  # noqa: E402
-from groupemotion_core.spec import WindowPlan  # noqa: E402
+from groupemotion_core.media.decode import DecodeSpec, decode_clip, decode_windows  # noqa: E402
+from groupemotion_core.media.spec import WindowPlan  # noqa: E402
 
 SPEC = DecodeSpec()
 TARGETS = {"all_windows_vs_raw": 1.3, "max_windows_8_vs_raw": 0.25, "peak_rss_long_vs_short": 1.5}
 # Peak RSS of a process that decodes every window of the file in argv[1] and nothing else.
 MEASURE_RSS = (
     "import resource, sys\n"
-    "from groupemotion_core.media import decode_windows\n"
+    "from groupemotion_core.media.decode import decode_windows\n"
     "windows = sum(1 for _ in decode_windows(sys.argv[1]))\n"
     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, windows)\n"
 )

@@ -17,13 +17,13 @@ from groupemotion_core.errors import GroupEmotionError
 
 # name -> (module, one-line summary shown by `groupemotion --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("ray_jobs.decode_cmd", "decode one video file and print its clip summary as JSON"),
-    "pack": ("ray_jobs.pack", "pack a folder of labelled videos into tar shards (local or s3://)"),
-    "train": ("ray_jobs.train", "fine-tune the model end to end with Ray Train (DDP)"),
-    "eval": ("ray_jobs.evaluate", "evaluate a checkpoint on labelled data: metrics JSON, confusion PNG"),
-    "infer": ("ray_jobs.infer", "label videos with a checkpoint and write Parquet (exactly once)"),
-    "quickstart": ("ray_jobs.quickstart", "generate data, train, label and evaluate, all locally"),
-    "weights": ("ray_jobs.weights", "convert pretrained encoder weights from a PyTorch pickle to safetensors"),
+    "decode": ("ray_jobs.commands.decode", "decode one video file and print its clip summary as JSON"),
+    "pack": ("ray_jobs.commands.pack", "pack a folder of labelled videos into tar shards (local or s3://)"),
+    "train": ("ray_jobs.commands.train", "fine-tune the model end to end with Ray Train (DDP)"),
+    "eval": ("ray_jobs.commands.evaluate", "evaluate a checkpoint on labelled data: metrics JSON, confusion PNG"),
+    "infer": ("ray_jobs.commands.infer", "label videos with a checkpoint and write Parquet (exactly once)"),
+    "quickstart": ("ray_jobs.commands.quickstart", "generate data, train, label and evaluate, all locally"),
+    "weights": ("ray_jobs.commands.weights", "convert pretrained encoder weights from a PyTorch pickle to safetensors"),
 }
 
 
@@ -83,7 +83,7 @@ def check_storage(args: argparse.Namespace) -> None:
             if isinstance(item, str) and item.startswith("s3://"):
                 uris[item] = uris.get(item, False) or name in WRITES.get(args.command, ())
     if uris:
-        from ray_jobs import storage
+        from ray_jobs.inputs import storage
 
         for uri, write in uris.items():
             storage.check(uri, write=write)

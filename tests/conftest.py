@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from groupemotion_core.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def test_decode_start_is_one_window_only(make_clip):
 def test_module_entrypoint_runs_the_same_command(make_clip):
     path = make_clip("clip.webm", seconds=1.0)
     result = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.decode_cmd", str(path), "--size", "16"],
+        [sys.executable, "-m", "ray_jobs.commands.decode", str(path), "--size", "16"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

@@ -96,7 +96,7 @@ def _named_commands() -> list[str]:
             joined = block.replace("\\\n", " ")
             for line in joined.splitlines():
                 line = line.split("#", 1)[0].strip()
-                match = re.search(r"(groupemotion\s+\w+.*|python3? -m ray_jobs\.\w+.*)", line)
+                match = re.search(r"(groupemotion\s+\w+.*|python3? -m ray_jobs\.commands\.\w+.*)", line)
                 if match and "bin/groupemotion" not in line.split()[0]:
                     commands.append(match.group(1))
     return commands
@@ -106,8 +106,8 @@ def _argv(command: str) -> list[str]:
     words = shlex.split(command)
     if words[0] == "groupemotion":
         return words[1:]
-    module = words[2].removeprefix("ray_jobs.")
-    job = {m.removeprefix("ray_jobs."): name for name, (m, _) in cli.COMMANDS.items()}[module]
+    module = words[2].removeprefix("ray_jobs.commands.")
+    job = {m.removeprefix("ray_jobs.commands."): name for name, (m, _) in cli.COMMANDS.items()}[module]
     return [job, *words[3:]]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from groupemotion_core.checkpoint import load_checkpoint
+from groupemotion_core.weights.checkpoint import load_checkpoint
 from groupemotion_core.schema import CLASSES, VideoRow, WindowRow
 from ray_jobs import cli
 

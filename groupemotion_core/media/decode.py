@@ -43,7 +43,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.spec import DecodeSpec, WindowPlan, plan_windows
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan, plan_windows
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 

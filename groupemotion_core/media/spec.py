@@ -1,8 +1,8 @@
 """What a decoded clip looks like and where its windows lie: plain data, no PyAV.
 
-The model's config (`groupemotion_core.config`) needs the decode geometry, and so does a GPU
+The model's config (`groupemotion_core.model.config`) needs the decode geometry, and so does a GPU
 machine that runs the model on synthetic input without any media library; keeping these types
-apart from the decoder (`groupemotion_core.media`) lets the model import without PyAV.
+apart from the decoder (`groupemotion_core.media.decode`) lets the model import without PyAV.
 
 A window is `clip_seconds` of a video from a start time (DESIGN.md). `plan_windows` lays windows
 over a video of known length: `first` is the VGAF way (one window from 0), `all` covers the whole

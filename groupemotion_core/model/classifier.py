@@ -6,7 +6,7 @@
 
 Every layer is trained (nothing frozen); the pretrained encoders get a smaller learning rate,
 which is why the parameters split into `encoder_parameters()` and `head_parameters()`.
-Construction is random init and offline; see `groupemotion_core.pretrained` for weights.
+Construction is random init and offline; see `groupemotion_core.weights.pretrained` for weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from groupemotion_core.config import ModelConfig
-from groupemotion_core.encoders import AudioEncoder, VisionEncoder
-from groupemotion_core.fusion import CrossModalFusion
+from groupemotion_core.model.config import ModelConfig
+from groupemotion_core.model.encoders import AudioEncoder, VisionEncoder
+from groupemotion_core.model.fusion import CrossModalFusion
 
 
 class GroupEmotionModel(nn.Module):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.spec import DecodeSpec
+from groupemotion_core.media.spec import DecodeSpec
 from groupemotion_core.schema import CLASSES
 
 

@@ -3,7 +3,7 @@
 Both end in the paper's projection layer (PL): one Linear to the common width, no activation (the
 paper reports that a GELU + second projection overfits faster and loses ~3% accuracy).
 Building a tower never touches the network; pretrained weights are loaded separately
-(`groupemotion_core.pretrained`).
+(`groupemotion_core.weights.pretrained`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
-from groupemotion_core.config import AudioConfig, VisionConfig
+from groupemotion_core.model.config import AudioConfig, VisionConfig
 
 
 class VisionEncoder(nn.Module):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from groupemotion_core.config import FusionConfig
+from groupemotion_core.model.config import FusionConfig
 
 
 class CrossModalFusion(nn.Module):

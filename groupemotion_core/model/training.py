@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL
 
 LABEL_SMOOTHING = 0.2

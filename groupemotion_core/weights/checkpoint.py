@@ -22,11 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from groupemotion_core.config import ModelConfig
+from groupemotion_core.model.config import ModelConfig
 from groupemotion_core.errors import GroupEmotionError
 
 if TYPE_CHECKING:
-    from groupemotion_core.model import GroupEmotionModel
+    from groupemotion_core.model.classifier import GroupEmotionModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -70,7 +70,7 @@ def load_checkpoint(
         raise GroupEmotionError("bad_checkpoint", f"{CONFIG_NAME}: {e.detail}") from None
     if list(config["labels"]) != list(cfg.labels):
         raise GroupEmotionError("bad_checkpoint", f"labels {config['labels']} differ from the model's {cfg.labels}")
-    from groupemotion_core.model import GroupEmotionModel  # timm and transformers: only where a model is built
+    from groupemotion_core.model.classifier import GroupEmotionModel  # timm and transformers: only where a model is built
 
     model = GroupEmotionModel(cfg).to(map_location)  # load_model copies into existing tensors
     try:

@@ -2,7 +2,7 @@
 
 Published encoder weights are often pickles: facebook/hubert-base-ls960's main branch holds only
 pytorch_model.bin. Unpickling can run code, so loading weights never does it
-(groupemotion_core.pretrained); a user converts a file they chose, once, with
+(groupemotion_core.weights.pretrained); a user converts a file they chose, once, with
 `groupemotion weights convert SRC DEST`, and from then on only safetensors are read.
 
 - The pickle is read by torch's weights-only unpickler alone (`torch.load(weights_only=True)`),

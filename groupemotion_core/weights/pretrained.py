@@ -20,7 +20,7 @@ the sha256 of the weights in run_config.json, so a run names exactly the weights
 Each library's own loader does the rest (timm drops the ImageNet classifier, transformers maps
 legacy key names), and the result is copied strictly into the model, so weights of another
 architecture or size are refused. Pickle files are refused, never loaded: unpickling runs code.
-`groupemotion weights convert` (groupemotion_core.convert) is the explicit step that turns one
+`groupemotion weights convert` (groupemotion_core.weights.convert) is the explicit step that turns one
 into safetensors.
 
 timm and transformers are imported where weights are loaded, not where sources are resolved:
@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from groupemotion_core.convert import WEIGHTS_NAME, sha256_file
+from groupemotion_core.weights.convert import WEIGHTS_NAME, sha256_file
 from groupemotion_core.errors import GroupEmotionError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from groupemotion_core.model import GroupEmotionModel
+    from groupemotion_core.model.classifier import GroupEmotionModel
 
 # What a hub snapshot fetches: the weights and the JSON that describes them, never a pickle.
 HUB_FILES = ("config.json", "preprocessor_config.json", WEIGHTS_NAME)

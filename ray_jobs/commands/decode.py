@@ -14,8 +14,8 @@ import json
 import os
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec, Window, decode_clip, decode_windows
-from groupemotion_core.spec import WINDOW_MODES, WindowPlan
+from groupemotion_core.media.decode import DecodeSpec, Window, decode_clip, decode_windows
+from groupemotion_core.media.spec import WINDOW_MODES, WindowPlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def _source(file: str, spec: DecodeSpec):
     """A local path as it is; an s3:// object's bytes, read through the project's storage (its
     retries and errors) and refused unread when over the decoder's size limit."""
     if file.startswith("s3://"):
-        from ray_jobs import storage
+        from ray_jobs.inputs import storage
 
         return storage.read_bytes(file, max_bytes=spec.max_input_bytes)
     if not os.path.isfile(file):

@@ -6,16 +6,16 @@
 
 DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
 them from --labels, a VGAF-style CSV, or from class-named folders). The videos go through the very
-prediction pipeline of `infer` (`ray_jobs.predict`), windows and all, so a score describes the
+prediction pipeline of `infer` (`ray_jobs.predict.pipeline`), windows and all, so a score describes the
 job that labels production data, decoder included. Scores are per video: a video's prediction is
 its `videos/` label in `infer`, the mean of its windows' probabilities weighted by window length
-(`predict.video_row`). The window options are infer's (default: every window of the video; a
+(`pipeline.video_row`). The window options are infer's (default: every window of the video; a
 VGAF 5 s clip is one window). Only the small prediction rows come back to the driver, which holds
 the rows of the videos in flight.
 
 DIR (a local folder) receives:
 
-    metrics.json          `groupemotion_core.training.classification_metrics` over the videos with
+    metrics.json          `groupemotion_core.model.training.classification_metrics` over the videos with
                           a known label and at least one labelled window, plus precision/F1 per
                           class, the model id, the data, the window plan, and how many videos were
                           unlabelled or failed (errors by reason; failed windows apart)
@@ -45,13 +45,14 @@ import numpy as np
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
-from groupemotion_core.spec import WindowPlan
-from ray_jobs import predict, storage
-from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
+from groupemotion_core.media.spec import WindowPlan
+from ray_jobs.predict import pipeline
+from ray_jobs.inputs import storage
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    predict.add_prediction_arguments(parser)
+    pipeline.add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
     add_stall_argument(parser)
@@ -59,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
-        metrics = evaluate(args.inputs, args.model, args.report, predict.prediction_options(args),
-                           plan=predict.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
+        metrics = evaluate(args.inputs, args.model, args.report, pipeline.prediction_options(args),
+                           plan=pipeline.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
                            stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)
@@ -71,7 +72,7 @@ def evaluate(
     data: list[str],
     model_ref: str,
     report_dir: str,
-    options: predict.PredictOptions = predict.PredictOptions(),
+    options: pipeline.PredictOptions = pipeline.PredictOptions(),
     *,
     plan: WindowPlan = WindowPlan(),
     labels_csv: str | None = None,
@@ -79,12 +80,12 @@ def evaluate(
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> dict:
     """Predict every video of `data`, score the labelled ones, write the report; return metrics.json."""
-    from groupemotion_core.training import classification_metrics
-    from ray_jobs.console import Progress
-    from ray_jobs.infer import log_stats
-    from ray_jobs.model_ref import describe_model_ref, warn_random_weights
-    from ray_jobs.runtime import ensure_ray
-    from ray_jobs.sources import list_inputs
+    from groupemotion_core.model.training import classification_metrics
+    from ray_jobs.runtime.console import Progress
+    from ray_jobs.commands.infer import log_stats
+    from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
+    from ray_jobs.runtime.session import ensure_ray
+    from ray_jobs.inputs.sources import list_inputs
 
     started = time.monotonic()
     cfg, info = describe_model_ref(model_ref)
@@ -92,30 +93,30 @@ def evaluate(
         warn_random_weights(model_ref)
     uris = list_inputs(data)
     ensure_ray(verbose=verbose)
-    predictions = predict.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
+    predictions = pipeline.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
 
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()
     videos = windows = 0
     unread: list[str] = []  # videos the object store failed to serve
-    collector = predict.VideoCollector()
-    progress = Progress("eval", predict.video_count(uris), "videos")
+    collector = pipeline.VideoCollector()
+    progress = Progress("eval", pipeline.video_count(uris), "videos")
     try:
-        for batch in predict.driver_batches(predictions, stall_timeout_s):
+        for batch in pipeline.driver_batches(predictions, stall_timeout_s):
             for row in batch.to_pylist():
                 rows = collector.add(row)
                 if rows is None:
                     continue
-                video = predict.video_row(rows)
+                video = pipeline.video_row(rows)
                 if storage.is_storage_failure(video[VideoRow.ERROR]):
                     unread.append(video[VideoRow.ERROR])
                 videos += 1
                 windows += video[VideoRow.WINDOWS]
-                window_errors.update(predict.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
+                window_errors.update(pipeline.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
                 if video[VideoRow.ERROR] is not None:
-                    errors[predict.error_reason(video[VideoRow.ERROR])] += 1
-                elif video[predict.TRUTH] != UNKNOWN_LABEL:
-                    y_true.append(int(video[predict.TRUTH]))
+                    errors[pipeline.error_reason(video[VideoRow.ERROR])] += 1
+                elif video[pipeline.TRUTH] != UNKNOWN_LABEL:
+                    y_true.append(int(video[pipeline.TRUTH]))
                     y_pred.append(label_index(video[VideoRow.LABEL]))
                 progress.advance(1, windows=video[VideoRow.WINDOWS], errors=int(video[VideoRow.ERROR] is not None))
     finally:

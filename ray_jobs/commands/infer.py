@@ -5,10 +5,10 @@
                        [--decode-cpus N] [--stall-timeout S] [--overwrite] [--verbose]
 
 INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manifest.json, local or
-s3:// (the layouts of `ray_jobs.sources`). REF: a checkpoint directory or URI, or preset:tiny /
+s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, or preset:tiny /
 preset:paper for random weights (smoke tests and benchmarks only). The job runs on the Ray
 cluster in RAY_ADDRESS, or on a local Ray it starts when that is unset; `ray job submit -- python
--m ray_jobs.infer ARGS` runs the same thing on a cluster.
+-m ray_jobs.commands.infer ARGS` runs the same thing on a cluster.
 
 Windows. A window is the model's clip length (5 s) of a video. By default (`--windows all`)
 windows start at 0, `--stride S` seconds apart (default: the clip length, no overlap), up to the
@@ -43,17 +43,17 @@ Read them back with pandas (both skip names starting with `_` or `.`):
 Exactly once. One file of each per input unit (a tar shard, or a group of plain objects),
 committed when every video of the unit has all its rows, `videos/` last: a committed unit is
 always complete, and an interrupted job never leaves a unit that looks complete
-(`ray_jobs.label_writer`). Running the same command again labels only the inputs no committed unit
+(`ray_jobs.sinks.labels`). Running the same command again labels only the inputs no committed unit
 holds, so it adds no duplicate row, and new objects under a prefix are labelled in new units.
 `--overwrite` deletes the old files and labels everything again. One output holds one model's
 labels over one window plan: a run with another model or plan is refused unless `--overwrite` is
 given. Two jobs must not write one output at once.
 
 How it streams. Ray Data runs three stages with their own resources: reading (one task per shard
-or object group), decoding (a fixed pool of one-CPU actors, `ray_jobs.decode_stage`, one row per
+or object group), decoding (a fixed pool of one-CPU actors, `ray_jobs.decode.stage`, one row per
 window), and the model (an actor pool, one GPU each by default when the cluster has GPUs, CPU
 actors otherwise; uint8 frames travel and are normalised on the model's device). Every CPU the
-model and the readers do not need decodes (`ray_jobs.predict`). Only the small label rows come
+model and the readers do not need decodes (`ray_jobs.predict.pipeline`). Only the small label rows come
 back to the driver, in no particular order; units commit as they complete.
 
 Faults. A node lost mid-job costs the work in flight on it, not the job: Ray restarts the lost
@@ -84,10 +84,11 @@ from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import ClipRow, WindowRow
-from groupemotion_core.spec import WindowPlan
-from ray_jobs import label_writer, storage
-from ray_jobs.label_writer import LabelWriter, Summary, plan_units
-from ray_jobs.predict import (
+from groupemotion_core.media.spec import WindowPlan
+from ray_jobs.sinks import labels
+from ray_jobs.inputs import storage
+from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
+from ray_jobs.predict.pipeline import (
     PredictOptions,
     add_prediction_arguments,
     driver_batches,
@@ -96,7 +97,7 @@ from ray_jobs.predict import (
     video_count,
     window_plan,
 )
-from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -118,10 +119,10 @@ def infer(
     Raises GroupEmotionError when units were left for a rerun (after noting the summary), and
     `watchdog.Stalled` when the stream made no progress for `stall_timeout_s` seconds.
     """
-    from ray_jobs.console import Progress
-    from ray_jobs.model_ref import describe_model_ref, warn_random_weights
-    from ray_jobs.runtime import ensure_ray
-    from ray_jobs.sources import list_inputs
+    from ray_jobs.runtime.console import Progress
+    from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
+    from ray_jobs.runtime.session import ensure_ray
+    from ray_jobs.inputs.sources import list_inputs
 
     started = time.monotonic()
     cfg, info = describe_model_ref(model_ref)
@@ -129,8 +130,8 @@ def infer(
         warn_random_weights(model_ref)
     all_inputs = list_inputs(inputs)
     _claim_output(output, info["model_id"], plan, overwrite)
-    label_writer.remove_uncommitted(output)
-    done = label_writer.committed_inputs(output)
+    labels.remove_uncommitted(output)
+    done = labels.committed_inputs(output)
     units = plan_units([uri for uri in all_inputs if uri not in done])
     summary = Summary(units=len(units) + len(plan_units([u for u in all_inputs if u in done])))
     summary.units_skipped = summary.units - len(units)
@@ -196,7 +197,7 @@ def _claim_output(output: str, model_id: str, plan: WindowPlan, overwrite: bool)
     """Refuse to mix two models' or two window plans' labels in one output; with `overwrite`,
     clear the output."""
     if overwrite:
-        label_writer.remove_all(output)
+        labels.remove_all(output)
         storage.remove(storage.join(output, SUCCESS_FILE))
         return
     job_file = storage.join(output, JOB_FILE)

@@ -23,7 +23,7 @@ manifest does not list (left by an earlier, larger pack) is deleted. Progress: o
 on stderr.
 
 On S3 every read and write is retried through throttling and dropped connections (see
-ray_jobs.storage); a failure that outlasts the retries stops the pack with one line, and since an
+ray_jobs.inputs.storage); a failure that outlasts the retries stops the pack with one line, and since an
 earlier manifest in DEST is deleted before the first shard is written, DEST then has no manifest:
 run the pack again.
 """
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec
+from groupemotion_core.media.decode import DecodeSpec
 from groupemotion_core.schema import CLASSES, parse_label
-from ray_jobs import storage
-from ray_jobs.sources import (
+from ray_jobs.inputs import storage
+from ray_jobs.inputs.sources import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     folder_label,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.synthetic import make_dataset
+from groupemotion_core.media.synthetic import make_dataset
 
 # Small clips: the tiny preset letterboxes frames to 64 px, and 2 s of sound is enough to hear
 # each class's tone. Held-out clips are a different seed from the training clips.
@@ -51,7 +51,7 @@ def _run(argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs.runtime import ensure_ray
+    from ray_jobs.runtime.session import ensure_ray
 
     if args.clips_per_class < 2 or args.epochs < 1 or args.workers < 1:
         raise GroupEmotionError("bad_argument", "--clips-per-class >= 2, --epochs >= 1, --workers >= 1")

@@ -14,7 +14,7 @@ What lands under --output (a local folder or s3://bucket/prefix):
                     ready for `groupemotion infer` and `groupemotion eval`
 
 Decode once: with --cache URI (local or s3://) each split is decoded once into a cache of decoded
-clips (`ray_jobs.clip_cache`: JPEG frames at most a quarter of their raw size, 16-bit audio)
+clips (`ray_jobs.train.clip_cache`: JPEG frames at most a quarter of their raw size, 16-bit audio)
 before training starts, and every epoch reads the cache, as does every later run with the
 same inputs and decode settings; a changed input, spec or decoder makes a new cache entry.
 
@@ -35,7 +35,7 @@ model; a failure to write the checkpoints or metrics to --output stops it in one
 epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened).
 
 With RAY_ADDRESS unset a local Ray is started; under `ray job submit` use
-`python -m ray_jobs.train ARGS`.
+`python -m ray_jobs.commands.train ARGS`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import tempfile
 from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
-from ray_jobs import storage
-from ray_jobs.watchdog import add_stall_argument, exit_in_bounded_time
+from ray_jobs.inputs import storage
+from ray_jobs.runtime.watchdog import add_stall_argument, exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"  # the Ray Train run name under --output
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     """Driver: resolve the config, look for a run to resume, fit, export the best epoch."""
     _check_arguments(args)
     cfg = _model_config(args)
-    from ray_jobs.runtime import ensure_ray
+    from ray_jobs.runtime.session import ensure_ray
 
     # Embedded Ray: room for the train workers plus a decode actor for each dataset at least, or
     # nothing would feed them.
@@ -165,7 +165,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _model_config(args: argparse.Namespace):
-    from groupemotion_core.config import ModelConfig, preset
+    from groupemotion_core.model.config import ModelConfig, preset
 
     if args.config is None:
         return preset(args.preset)
@@ -197,7 +197,7 @@ def _resolved_config(args: argparse.Namespace, cfg) -> dict[str, Any]:
     import ray
     import torch
 
-    from groupemotion_core.pretrained import describe
+    from groupemotion_core.weights.pretrained import describe
 
     return {
         "pretrained": describe(args.pretrained_vision, args.pretrained_audio),
@@ -259,16 +259,16 @@ def _previous_result(output: str):
 def _datasets(args: argparse.Namespace, cfg) -> dict[str, Any]:
     """The `train` and `val` ClipRow datasets (one window per labelled clip): from the decode
     stage, or with --cache from the cache, which is filled first (decode -> cache -> train)."""
-    from groupemotion_core.spec import FIRST_WINDOW
-    from ray_jobs.decode_stage import decode_dataset
-    from ray_jobs.sources import read_sources
+    from groupemotion_core.media.spec import FIRST_WINDOW
+    from ray_jobs.decode.stage import decode_dataset
+    from ray_jobs.inputs.sources import read_sources
 
     spec = cfg.decode_spec()
     splits = (("train", args.train), ("val", args.val))
     if not args.cache:
         return {split: decode_dataset(read_sources(uris), spec, FIRST_WINDOW, num_cpus=args.decode_cpus)
                 for split, uris in splits}
-    from ray_jobs.clip_cache import ClipCache
+    from ray_jobs.train.clip_cache import ClipCache
 
     cache = ClipCache(args.cache, spec, FIRST_WINDOW)
     datasets = {}
@@ -285,8 +285,8 @@ def _fit(args: argparse.Namespace, run_config: dict[str, Any], datasets: dict[st
     """Run the trainer under the stall watchdog (`watchdog.watched_call`); a reason a worker
     stopped the run for, or an error Ray wrapped (a StorageError writing --output), leaves as one
     GroupEmotionError."""
-    from ray_jobs.console import Relay
-    from ray_jobs.watchdog import Pulse, watched_call
+    from ray_jobs.runtime.console import Relay
+    from ray_jobs.runtime.watchdog import Pulse, watched_call
 
     pulse = Pulse()
     try:
@@ -343,14 +343,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     (torch, timm, transformers), is imported here, in the worker: the driver only passes the
     function on, and importing the stack there first held up the workers' start (a 2-epoch tiny
     run took 80.8 s that way, 73.9 s this way)."""
-    from ray_jobs.train_loop import train_func_per_worker
+    from ray_jobs.train.loop import train_func_per_worker
 
     train_func_per_worker(config)
 
 
 def _export_best(result, output: str) -> None:
     """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format."""
-    from groupemotion_core.checkpoint import export_checkpoint
+    from groupemotion_core.weights.checkpoint import export_checkpoint
 
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "val_accuracy" in m]
     if not scored:

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from groupemotion_core.convert import convert
+    from groupemotion_core.weights.convert import convert
 
     done = convert(args.src, args.dest)
     size_mb = done.weights.stat().st_size / 1e6

@@ -1,6 +1,6 @@
-"""The decoder child process of the decode stage (`ray_jobs.decode_stage.SupervisedDecoder`).
+"""The decoder child process of the decode stage (`ray_jobs.decode.stage.SupervisedDecoder`).
 
-A fresh interpreter (`python -m ray_jobs.decode_child READ_FD WRITE_FD CONFIG`), not a
+A fresh interpreter (`python -m ray_jobs.decode.child READ_FD WRITE_FD CONFIG`), not a
 multiprocessing spawn: a spawned child would import its parent's main module, which in a Ray
 actor is Ray's worker, and so pay for importing Ray before decoding anything. This module imports
 only NumPy and the core decoder, so a child starts in a fraction of the time, also when it is
@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.spec import DecodeSpec, WindowPlan
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 
 
 def frame_bytes(spec: DecodeSpec) -> int:
@@ -38,7 +38,7 @@ def audio_bytes(spec: DecodeSpec) -> int:
 
 
 def main(argv: list[str]) -> None:
-    from groupemotion_core.media import decode_windows
+    from groupemotion_core.media.decode import decode_windows
 
     inbox, outbox = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
     config = json.loads(argv[2])

@@ -1,7 +1,7 @@
 """The decode stage: SourceRow batches -> ClipRow batches, one row per window, hostile input contained.
 
 Each actor of the pool owns one supervised child process (`SupervisedDecoder`) that runs the core
-decoder, `groupemotion_core.media.decode_windows`, one video at a time. FFmpeg can segfault or
+decoder, `groupemotion_core.media.decode.decode_windows`, one video at a time. FFmpeg can segfault or
 loop forever on a hostile file; in a child that costs one video, not the actor. Were the decoder
 to run in the actor itself, a segfault would kill the actor and Ray would retry the whole batch on
 a new one, crashing again on the same video until the job failed, and a hang would stall the job
@@ -21,12 +21,12 @@ row with `window` = ClipRow.WHOLE_VIDEO and `windows` = 0. When the decoder dies
 a video, the windows it did not reach are error rows whose start and end are NaN: their times are
 not known. Error rows have zero frames and audio of the usual shapes, audio_len 0, and the label
 index when the label was valid. Reasons come from the decoder (DecodeError's), from the reader
-(the `error` column of `ray_jobs.sources`), `bad_label`, and `crashed`/`timeout`/`decoder_error`
+(the `error` column of `ray_jobs.inputs.sources`), `bad_label`, and `crashed`/`timeout`/`decoder_error`
 from the supervisor (the last for an unexpected exception inside the decoder, whose traceback
 goes to the child's stderr). A shard-end marker (`SourceRow.SHARD_END`) passes through as a
 ClipRow with `window` = ClipRow.SHARD_END.
 
-The child is a fresh interpreter running `ray_jobs.decode_child` (never a `fork`: a Ray worker is
+The child is a fresh interpreter running `ray_jobs.decode.child` (never a `fork`: a Ray worker is
 multi-threaded; nor a multiprocessing spawn, which would import Ray in the child too) and talks
 over two pipes with a fixed framing, no pickle either way: the video bytes go in; a JSON header
 per window, then its raw frame and audio buffers, come out, their sizes checked against the
@@ -57,10 +57,10 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodedClip, DecodeSpec, Window
+from groupemotion_core.media.decode import DecodedClip, DecodeSpec, Window
 from groupemotion_core.schema import UNKNOWN_LABEL, ClipRow, SourceRow, label_index
-from groupemotion_core.spec import WindowPlan
-from ray_jobs.decode_child import audio_bytes, frame_bytes
+from groupemotion_core.media.spec import WindowPlan
+from ray_jobs.decode.child import audio_bytes, frame_bytes
 
 FAULT_INJECT_ENV = "GROUPEMOTION_FAULT_INJECT"
 _FAULT_MODES = ("crash", "hang")
@@ -84,7 +84,7 @@ def decode_dataset(
     `actors` fixes the pool's size (all of them start at once, which is what a job on a cluster
     of known size wants); None autoscales from one actor as Ray Data sees fit. Each actor holds
     `num_cpus` CPUs, which its decoder child uses. Each input block is one task for one actor, so
-    the reader's block size (`ray_jobs.sources`) spreads the videos over the pool.
+    the reader's block size (`ray_jobs.inputs.sources`) spreads the videos over the pool.
     `fault_inject` defaults to the driver's GROUPEMOTION_FAULT_INJECT.
     """
     faults = parse_faults(os.environ.get(FAULT_INJECT_ENV, "") if fault_inject is None else fault_inject)
@@ -315,7 +315,7 @@ class SupervisedDecoder:
         config = {"spec": dataclasses.asdict(self._spec), "plan": dataclasses.asdict(self._plan),
                   "faults": self._faults, "parent": os.getpid()}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "ray_jobs.decode_child", str(to_child), str(from_child), json.dumps(config)],
+            [sys.executable, "-m", "ray_jobs.decode.child", str(to_child), str(from_child), json.dumps(config)],
             pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL,
         )
         os.close(to_child)

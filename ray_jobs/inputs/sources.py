@@ -56,9 +56,9 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import VIDEO_EXTENSIONS, DecodeSpec
+from groupemotion_core.media.decode import VIDEO_EXTENSIONS, DecodeSpec
 from groupemotion_core.schema import CLASSES, SourceRow, parse_label
-from ray_jobs import storage
+from ray_jobs.inputs import storage
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ import tempfile
 import uuid
 from typing import Any
 
-from groupemotion_core.config import ModelConfig, preset
+from groupemotion_core.model.config import ModelConfig, preset
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES
-from ray_jobs import storage
+from ray_jobs.inputs import storage
 
 PRESET_PREFIX = "preset:"
 PRESET_SEED = 0
-CONFIG_FILE = "config.json"  # written by groupemotion_core.checkpoint.save_checkpoint
+CONFIG_FILE = "config.json"  # written by groupemotion_core.weights.checkpoint.save_checkpoint
 CACHE_ENV = "GROUPEMOTION_MODEL_CACHE"  # where remote checkpoints are cached (default: the temp dir)
 
 
@@ -63,7 +63,7 @@ def load_model_ref(ref: str, *, warn: bool = True):
     """
     import torch
 
-    from groupemotion_core.model import GroupEmotionModel
+    from groupemotion_core.model.classifier import GroupEmotionModel
 
     if _preset_name(ref) is not None:
         cfg = _preset_config(ref)
@@ -74,7 +74,7 @@ def load_model_ref(ref: str, *, warn: bool = True):
             model = GroupEmotionModel(cfg)
         info = _preset_info(ref, cfg)
     else:
-        from groupemotion_core.checkpoint import load_checkpoint
+        from groupemotion_core.weights.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(_local_checkpoint_dir(ref))
         info = {**meta, "labels": list(meta.get("labels", model.config.labels)), "ref": ref}
@@ -121,7 +121,7 @@ def _check_labels(ref: str, labels: list[str]) -> None:
 
 def _read_config_json(ref: str) -> dict[str, Any]:
     # The checkpoint format's own bound; imported here because that module pulls in torch.
-    from groupemotion_core.checkpoint import MAX_CONFIG_BYTES
+    from groupemotion_core.weights.checkpoint import MAX_CONFIG_BYTES
 
     if not ref:
         raise GroupEmotionError("bad_model_ref", "empty --model; give a checkpoint directory, URI or preset:NAME")

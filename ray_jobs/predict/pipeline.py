@@ -38,7 +38,7 @@ from typing import Iterable
 import numpy as np
 
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from groupemotion_core.spec import WINDOW_MODES, DecodeSpec, WindowPlan
+from groupemotion_core.media.spec import WINDOW_MODES, DecodeSpec, WindowPlan
 
 TRUTH = "truth"  # prediction rows also carry the ClipRow label index, for evaluation
 # Read tasks move bytes; they hold this share of a CPU each, within a reserve of CPUs for reading.
@@ -83,7 +83,7 @@ class Predictor:
     def __init__(self, model_ref: str, use_gpu: bool):
         import torch
 
-        from ray_jobs.model_ref import load_model_ref
+        from ray_jobs.predict.model_ref import load_model_ref
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model_ref(model_ref, warn=False)[0].to(self.device)
@@ -131,7 +131,7 @@ def predict(
     """
     import ray.data
 
-    from ray_jobs.decode_stage import decode_dataset
+    from ray_jobs.decode.stage import decode_dataset
 
     videos = video_count(uris)
     sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends)
@@ -153,7 +153,7 @@ def predict(
 def driver_batches(predictions, stall_timeout_s: float):
     """The prediction rows as they reach the driver, a pyarrow batch at a time, under the stall
     watchdog (`watchdog.watched`): infer's and eval's one loop over the stream."""
-    from ray_jobs.watchdog import watched
+    from ray_jobs.runtime.watchdog import watched
 
     batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
     return watched(batches, stall_timeout_s, "no labelled window reached the driver")
@@ -164,7 +164,7 @@ def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, 
     """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
     VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
     task at a time per DECODERS_PER_READ_TASK decode actors, each in the CPUs the fixed pools leave."""
-    from ray_jobs.sources import read_sources
+    from ray_jobs.inputs.sources import read_sources
 
     return read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
                         concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
@@ -248,7 +248,7 @@ def _covered(spans: np.ndarray) -> float:
 
 def video_count(uris: list[str]) -> int | None:
     """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest."""
-    from ray_jobs.sources import layout, shard_videos
+    from ray_jobs.inputs.sources import layout, shard_videos
 
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)

@@ -43,7 +43,7 @@ import sys
 import warnings
 
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-_WORKER_SETUP_HOOK = "ray_jobs.runtime.quiet_worker"
+_WORKER_SETUP_HOOK = "ray_jobs.runtime.session.quiet_worker"
 
 
 def ensure_ray(num_cpus: int | None = None, *, min_cpus: int = 0, verbose: bool = False):

@@ -260,7 +260,7 @@ def one_line(exc: BaseException, uri: str | None = None, action: str = "writing"
         if isinstance(cause, GroupEmotionError) and not isinstance(cause, rx.RayError):
             return cause
     if uri is not None:
-        from ray_jobs import storage
+        from ray_jobs.inputs import storage
 
         for cause in causes:
             error = storage.classify(cause, uri, action)

@@ -5,7 +5,7 @@ The unit of work is an input unit: one tar shard, or a group of up to OBJECTS_PE
 objects. A unit is complete when its known number of videos is complete, and a video when all its
 windows have a row (or its one whole-video error row has come). A group of objects knows its size
 from the listing; a shard's size is known to its reader only, which ends the shard with a marker
-row that counts its videos (`ray_jobs.sources`, `shard_ends`). So the stream needs no order: one
+row that counts its videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one
 slow video holds back only its own unit, and the driver holds the rows of the units in flight.
 
 A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
@@ -43,8 +43,8 @@ import pyarrow.parquet as pq
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from ray_jobs import storage
-from ray_jobs.predict import VideoCollector, error_counts, video_row
+from ray_jobs.inputs import storage
+from ray_jobs.predict.pipeline import VideoCollector, error_counts, video_row
 
 OBJECTS_PER_UNIT = 256
 WINDOWS_DIR = "windows"
@@ -72,7 +72,7 @@ class Unit:
 
 def plan_units(inputs: list[str]) -> list[Unit]:
     """Input URIs -> units: one per shard, and groups of consecutive plain objects."""
-    from ray_jobs.sources import layout
+    from ray_jobs.inputs.sources import layout
 
     shards = [Unit((uri,), None) for uri in inputs if layout(uri) == "tar"]
     videos = [uri for uri in inputs if layout(uri) != "tar"]

@@ -14,7 +14,7 @@ Layout (CACHE is a local folder or an s3:// prefix):
 
 `<version>` is a digest of everything besides the input bytes that decides the decoded clips:
 the DecodeSpec (all but its thread count), the window plan, the PyAV and FFmpeg library versions,
-the source of the decoder (`groupemotion_core.media` and `spec`: a changed decoder makes a new
+the source of the decoder (`groupemotion_core.media.decode` and `spec`: a changed decoder makes a new
 cache, with no version number to forget), this module's row format, and a fault-injection
 setting when one is on. `<hash>` is a digest of the unit's inputs: URI, size and ETag (S3) or
 mtime (local disk) of each. A changed input, spec or decoder gives new names, so nothing is ever
@@ -65,9 +65,9 @@ from ray.data.extensions import ArrowTensorArray
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import ClipRow
-from groupemotion_core.spec import DecodeSpec, WindowPlan
-from ray_jobs import storage
-from ray_jobs.watchdog import DEFAULT_STALL_TIMEOUT_S, watched
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan
+from ray_jobs.inputs import storage
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, watched
 
 FORMAT = "groupemotion-clip-cache/1"
 OBJECTS_PER_UNIT = 64
@@ -132,7 +132,7 @@ class ClipCache:
     """The cache of one decode configuration under a cache URI (see the module docstring)."""
 
     def __init__(self, uri: str, spec: DecodeSpec, plan: WindowPlan, *, fault_inject: str | None = None):
-        from ray_jobs.decode_stage import FAULT_INJECT_ENV
+        from ray_jobs.decode.stage import FAULT_INJECT_ENV
 
         self.spec, self.plan = spec, plan
         self.faults = os.environ.get(FAULT_INJECT_ENV, "") if fault_inject is None else fault_inject
@@ -140,9 +140,9 @@ class ClipCache:
         self.root = storage.join(uri, _digest(self.info)[:24])
 
     def units(self, uris: list[str] | str) -> list[Unit]:
-        """The input units under `uris` (the forms `ray_jobs.sources` reads), with the size and
+        """The input units under `uris` (the forms `ray_jobs.inputs.sources` reads), with the size and
         ETag or mtime of every input as it is now."""
-        from ray_jobs.sources import layout, list_inputs
+        from ray_jobs.inputs.sources import layout, list_inputs
 
         inputs = [uri if storage.is_remote(uri) else os.path.abspath(uri) for uri in list_inputs(uris)]
         found = _stat(inputs)
@@ -167,9 +167,9 @@ class ClipCache:
         the object store (the others are committed), and `watchdog.Stalled` when no decoded clip
         came for `stall_timeout_s` seconds.
         """
-        from ray_jobs.console import Progress
-        from ray_jobs.decode_stage import decode_dataset
-        from ray_jobs.sources import read_sources
+        from ray_jobs.runtime.console import Progress
+        from ray_jobs.decode.stage import decode_dataset
+        from ray_jobs.inputs.sources import read_sources
 
         todo = self.missing(units)
         stats = FillStats(units=len(units), reused=len(units) - len(todo))
@@ -226,8 +226,8 @@ def _pool_sizes(decode_cpus: float) -> tuple[int, int]:
 def _version_info(spec: DecodeSpec, plan: WindowPlan, faults: str) -> dict:
     import av
 
-    from groupemotion_core import media
-    from groupemotion_core import spec as spec_module
+    from groupemotion_core.media import decode as media
+    from groupemotion_core.media import spec as spec_module
 
     source = hashlib.sha256()
     for module in (media, spec_module):

@@ -49,14 +49,14 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
-from groupemotion_core.checkpoint import load_checkpoint, save_checkpoint
+from groupemotion_core.weights.checkpoint import load_checkpoint, save_checkpoint
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.config import ModelConfig
-from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.pretrained import load_pretrained
+from groupemotion_core.model.config import ModelConfig
+from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core.weights.pretrained import load_pretrained
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow
-from groupemotion_core.training import build_optimizer, classification_metrics, loss_fn
-from ray_jobs import storage
+from groupemotion_core.model.training import build_optimizer, classification_metrics, loss_fn
+from ray_jobs.inputs import storage
 
 # Files of one training checkpoint, beside the core's model files (model.safetensors, config.json).
 OPTIMIZER_TENSORS = "optimizer.safetensors"

@@ -27,8 +27,8 @@ def _bench(*args: str, env: dict | None = None, first: str = "") -> subprocess.C
 
 def test_without_cuda_it_says_so_and_exits_0_and_the_core_imports_without_pyav_ray_or_s3fs():
     done = _bench(env={"CUDA_VISIBLE_DEVICES": ""},
-                  first="import groupemotion_core.model, groupemotion_core.checkpoint, groupemotion_core.training, "
-                        "groupemotion_core.pretrained, groupemotion_core.convert")
+                  first="import groupemotion_core.model.classifier, groupemotion_core.weights.checkpoint, groupemotion_core.model.training, "
+                        "groupemotion_core.weights.pretrained, groupemotion_core.weights.convert")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["cuda"] is False and "no CUDA device" in result["reason"]

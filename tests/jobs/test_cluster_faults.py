@@ -34,16 +34,16 @@ import pandas as pd
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import save_checkpoint
-from groupemotion_core.config import preset
+from groupemotion_core.weights.checkpoint import save_checkpoint
+from groupemotion_core.model.config import preset
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES
-from groupemotion_core.synthetic import SyntheticClip, make_dataset, render_clip
-from ray_jobs import watchdog
-from ray_jobs.decode_stage import FAULT_INJECT_ENV
-from ray_jobs.pack import pack
-from ray_jobs.storage import StorageError
+from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
+from ray_jobs.runtime import watchdog
+from ray_jobs.decode.stage import FAULT_INJECT_ENV
+from ray_jobs.commands.pack import pack
+from ray_jobs.inputs.storage import StorageError
 from tests.processes import free_ports, pids_naming
 
 ROOT = Path(__file__).resolve().parents[2]

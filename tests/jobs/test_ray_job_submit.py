@@ -31,13 +31,13 @@ import pandas as pd
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import save_checkpoint
-from groupemotion_core.config import preset
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.weights.checkpoint import save_checkpoint
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs import storage
-from ray_jobs.pack import pack
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.inputs import storage
+from ray_jobs.commands.pack import pack
 from tests.processes import free_ports, pids_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -128,7 +128,7 @@ def test_infer_runs_through_ray_job_submit_with_token_auth(ray_head, tmp_path):
     submitted = subprocess.run(
         [
             RAY, "job", "submit", "--address", url, "--",
-            sys.executable, "-m", "ray_jobs.infer", str(tmp_path / "shards"), "--model", str(tmp_path / "ckpt"),
+            sys.executable, "-m", "ray_jobs.commands.infer", str(tmp_path / "shards"), "--model", str(tmp_path / "ckpt"),
             "--output", output, "--actors", "1", "--decode-cpus", "1", "--batch-size", "2",
         ],
         env=env,

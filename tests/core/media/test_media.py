@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groupemotion_core.media import REASONS, VIDEO_EXTENSIONS, DecodeError, DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.media.decode import REASONS, VIDEO_EXTENSIONS, DecodeError, DecodeSpec, decode_clip, decode_windows
 from groupemotion_core.schema import CLASSES
-from groupemotion_core.synthetic import CLASS_COLOURS, CLASS_PITCH_HZ, CONTAINERS, SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import CLASS_COLOURS, CLASS_PITCH_HZ, CONTAINERS, SyntheticClip, render_clip
 
 SMALL = DecodeSpec(frame_size=64)
 

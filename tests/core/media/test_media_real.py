@@ -10,10 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from groupemotion_core.media import DecodeSpec, decode_clip, decode_windows
-from groupemotion_core.spec import MIN_WINDOW_S
+from groupemotion_core.media.decode import DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.media.spec import MIN_WINDOW_S
 
-REAL = Path(__file__).resolve().parents[1] / "media" / "real"
+REAL = Path(__file__).resolve().parents[2] / "media" / "real"
 with open(REAL / "SOURCES.tsv", newline="") as f:
     SOURCES = {row["file"]: row for row in csv.DictReader(f, delimiter="\t")}
 SPEC = DecodeSpec(frame_size=64)  # default 5 s windows and 8 frames; small frames keep it quick

@@ -9,9 +9,9 @@ import av
 import numpy as np
 import pytest
 
-from groupemotion_core.media import DecodeError, DecodeSpec, decode_clip, decode_windows
-from groupemotion_core.spec import FIRST_WINDOW, WindowPlan, plan_windows
-from groupemotion_core.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.decode import DecodeError, DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan, plan_windows
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 
 SPEC = DecodeSpec(frame_size=32, clip_seconds=2.0)
 SECONDS = 11.0

@@ -10,10 +10,10 @@ import timm
 import torch
 from transformers import HubertConfig, HubertModel
 
-from groupemotion_core.config import ModelConfig, preset
+from groupemotion_core.model.config import ModelConfig, preset
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.media.decode import DecodeSpec
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES
 
 

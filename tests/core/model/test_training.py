@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from groupemotion_core.config import preset
-from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.training import LABEL_SMOOTHING, build_optimizer, classification_metrics, loss_fn
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core.model.training import LABEL_SMOOTHING, build_optimizer, classification_metrics, loss_fn
 
 
 def test_loss_is_label_smoothed_cross_entropy_over_known_labels():

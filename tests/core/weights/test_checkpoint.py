@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import MAX_CONFIG_BYTES, export_checkpoint, load_checkpoint, save_checkpoint
-from groupemotion_core.config import preset
+from groupemotion_core.weights.checkpoint import MAX_CONFIG_BYTES, export_checkpoint, load_checkpoint, save_checkpoint
+from groupemotion_core.model.config import preset
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES
 
 

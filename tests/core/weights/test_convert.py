@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
-from groupemotion_core import convert as convert_module
-from groupemotion_core.config import preset
-from groupemotion_core.convert import convert, require_safe_torch
-from groupemotion_core.encoders import hubert_config
+from groupemotion_core.weights import convert as convert_module
+from groupemotion_core.model.config import preset
+from groupemotion_core.weights.convert import convert, require_safe_torch
+from groupemotion_core.model.encoders import hubert_config
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.pretrained import load_pretrained
+from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core.weights.pretrained import load_pretrained
 from ray_jobs import cli
 
 

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
-from groupemotion_core.checkpoint import load_checkpoint, save_checkpoint
-from groupemotion_core.config import preset
-from groupemotion_core.encoders import hubert_config
+from groupemotion_core.weights.checkpoint import load_checkpoint, save_checkpoint
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.encoders import hubert_config
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model import GroupEmotionModel
-from groupemotion_core.pretrained import describe, load_pretrained, parse_hub_id
+from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core.weights.pretrained import describe, load_pretrained, parse_hub_id
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -226,7 +226,7 @@ def test_a_hub_id_not_in_the_cache_fails_offline_in_one_line(model, hub_cache, s
 
 
 def test_workers_load_the_commit_the_driver_resolved_not_the_moving_branch(model, hub_cache, tmp_path):
-    from ray_jobs.train import pinned_source
+    from ray_jobs.commands.train import pinned_source
 
     source = _tiny_hubert()
     snapshot = _cached_snapshot(hub_cache, "facebook/hubert-tiny", "main")

@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from groupemotion_core.checkpoint import save_checkpoint
-from groupemotion_core.config import preset
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.weights.checkpoint import save_checkpoint
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, label_index
-from groupemotion_core.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 from ray_jobs.cli import main
 
 

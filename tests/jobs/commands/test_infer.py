@@ -23,17 +23,19 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import save_checkpoint
-from groupemotion_core.config import preset
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.weights.checkpoint import save_checkpoint
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
-from groupemotion_core.spec import WindowPlan
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs import infer, label_writer, storage
+from groupemotion_core.media.spec import WindowPlan
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.commands import infer
+from ray_jobs.sinks import labels
+from ray_jobs.inputs import storage
 from ray_jobs.cli import main
-from ray_jobs.model_ref import describe_model_ref, load_model_ref
-from ray_jobs.pack import pack
-from ray_jobs.predict import PredictOptions
+from ray_jobs.predict.model_ref import describe_model_ref, load_model_ref
+from ray_jobs.commands.pack import pack
+from ray_jobs.predict.pipeline import PredictOptions
 
 # name -> (class folder, has audio, seconds); plus two files that are not decodable videos.
 # The tiny model's windows are 5 s: the 7 s clips have two windows (5 s and 2 s).
@@ -137,7 +139,7 @@ def test_shards_and_objects_on_s3_give_every_window_and_video_once_then_rerun_an
     assert job["model_id"] == model_id and job["inputs"] == inputs
     assert job["window_plan"] == {"mode": "all", "stride_s": None, "max_windows": None}
     assert json.loads(storage.read_bytes(f"{output}/_SUCCESS"))["videos"] == len(vids)
-    files = _etags(label_writer.part_files(output, "videos") + label_writer.part_files(output, "windows"))
+    files = _etags(labels.part_files(output, "videos") + labels.part_files(output, "windows"))
     assert len(files) == 2 * (len(manifest["shards"]) + 1)  # one per shard and one for the 9 objects, of each
 
     again = infer.infer(inputs, model_uri, output, PredictOptions(**FEW_CPUS))
@@ -192,14 +194,14 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     args = ["infer", str(shards), "--model", ckpt_dir, "--output", str(output),
             "--batch-size", "2", "--actors", "1", "--decode-cpus", "1"]
     # The real command with no RAY_ADDRESS: it starts its own local Ray (the embedded default).
-    env = {**os.environ, label_writer.EXIT_AFTER_UNITS_ENV: "1"}
+    env = {**os.environ, labels.EXIT_AFTER_UNITS_ENV: "1"}
     env.pop("RAY_ADDRESS", None)
     killed = subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], env=env, capture_output=True,
                             text=True, timeout=300)
 
     assert killed.returncode == -9, killed.stderr[-3000:]
-    [first] = label_writer.part_files(str(output), "videos")
-    assert label_writer.part_files(str(output), "windows") == [first.replace("/videos/", "/windows/")]
+    [first] = labels.part_files(str(output), "videos")
+    assert labels.part_files(str(output), "windows") == [first.replace("/videos/", "/windows/")]
     assert not (output / infer.SUCCESS_FILE).exists()
     assert not [p for p in output.rglob("*") if ".tmp-" in p.name]
     # A windows/ file whose videos/ file was never written (killed between the two) is redone.
@@ -210,8 +212,8 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     assert len(vids) == len(CLIPS) + len(BAD) and vids["key"].is_unique
     assert not wins.duplicated(["key", "window"]).any()
     assert len(wins) == vids["windows"].sum() == sum(2 if s == 7.0 else 1 for _, _, s in CLIPS.values())
-    assert len(label_writer.part_files(str(output), "videos")) == 5  # 9 clips in shards of 2
-    assert len(label_writer.part_files(str(output), "windows")) == 5
+    assert len(labels.part_files(str(output), "videos")) == 5  # 9 clips in shards of 2
+    assert len(labels.part_files(str(output), "windows")) == 5
     done = json.loads((output / infer.SUCCESS_FILE).read_text())
     assert (done["units_skipped"], done["units_committed"]) == (1, 4)
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs import storage
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.inputs import storage
 from ray_jobs.cli import main
-from ray_jobs.pack import pack
+from ray_jobs.commands.pack import pack
 
 
 def _write(path: Path, label: str, seed: int, audio: bool = True) -> None:

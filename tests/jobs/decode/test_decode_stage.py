@@ -14,13 +14,13 @@ import pytest
 import ray
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.media import DecodeSpec
+from groupemotion_core.media.decode import DecodeSpec
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow
-from groupemotion_core.spec import FIRST_WINDOW, WindowPlan
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs.decode_stage import SupervisedDecoder, decode_dataset, parse_faults
-from ray_jobs.pack import pack
-from ray_jobs.sources import read_sources
+from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.decode.stage import SupervisedDecoder, decode_dataset, parse_faults
+from ray_jobs.commands.pack import pack
+from ray_jobs.inputs.sources import read_sources
 
 SPEC = DecodeSpec(num_frames=4, frame_size=32, clip_seconds=1.0)
 

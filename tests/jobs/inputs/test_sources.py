@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs import storage
-from ray_jobs.pack import pack
-from ray_jobs.sources import list_inputs, read_labels_csv, read_sources, shard_videos
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.inputs import storage
+from ray_jobs.commands.pack import pack
+from ray_jobs.inputs.sources import list_inputs, read_labels_csv, read_sources, shard_videos
 
 
 def _clip(label: str, seed: int, container: str = "mp4") -> bytes:

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs import storage
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.inputs import storage
 from ray_jobs.cli import main
-from ray_jobs.pack import pack
-from ray_jobs.storage import StorageError
+from ray_jobs.commands.pack import pack
+from ray_jobs.inputs.storage import StorageError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _closed_port() -> int:

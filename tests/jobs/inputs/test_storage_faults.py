@@ -26,18 +26,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from groupemotion_core.checkpoint import save_checkpoint
-from groupemotion_core.config import preset
-from groupemotion_core.model import GroupEmotionModel
+from groupemotion_core.weights.checkpoint import save_checkpoint
+from groupemotion_core.model.config import preset
+from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow
-from groupemotion_core.synthetic import SyntheticClip, make_dataset, render_clip
-from ray_jobs import storage
-from ray_jobs.label_writer import LabelWriter, Summary, plan_units
-from ray_jobs.pack import pack
-from ray_jobs.sources import list_inputs, read_labels_csv
-from ray_jobs.storage import StorageError
+from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
+from ray_jobs.inputs import storage
+from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
+from ray_jobs.commands.pack import pack
+from ray_jobs.inputs.sources import list_inputs, read_labels_csv
+from ray_jobs.inputs.storage import StorageError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

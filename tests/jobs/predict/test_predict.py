@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow
-from groupemotion_core.synthetic import SyntheticClip, render_clip
-from ray_jobs.pack import pack
-from ray_jobs.predict import (
+from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from ray_jobs.commands.pack import pack
+from ray_jobs.predict.pipeline import (
     VIDEOS_PER_DECODE_TASK,
     PredictOptions,
     VideoCollector,
@@ -22,7 +22,7 @@ from ray_jobs.predict import (
     video_count,
     video_row,
 )
-from ray_jobs.sources import list_inputs
+from ray_jobs.inputs.sources import list_inputs
 
 
 def _row(key: str, window: int, windows: int, start: float, end: float, probs=None, error=None) -> dict:

@@ -13,7 +13,7 @@ SCRIPT = """
 import json, logging, os
 import ray
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-from ray_jobs.runtime import _CLEANER_LOGGER, ensure_ray
+from ray_jobs.runtime.session import _CLEANER_LOGGER, ensure_ray
 
 ensure_ray(num_cpus=1)
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from ray_jobs import label_writer
-from ray_jobs.label_writer import LabelWriter, Summary, plan_units
+from ray_jobs.sinks import labels
+from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
 
 SHARD = "s3://b/shards/shard-000000.tar"
 OBJECTS = ["s3://b/videos/x.mp4", "s3://b/videos/y.mp4"]
@@ -56,7 +56,7 @@ def test_units_commit_as_they_complete_in_any_order(tmp_path):
         videos = pq.read_table(f"{out}/videos/{unit.name}")
         assert windows.schema.equals(WindowRow.SCHEMA, check_metadata=False)
         assert videos.schema.equals(VideoRow.SCHEMA, check_metadata=False)
-    assert label_writer.committed_inputs(out) == {SHARD, *OBJECTS}
+    assert labels.committed_inputs(out) == {SHARD, *OBJECTS}
     videos = pd.read_parquet(f"{out}/videos").set_index("key")
     windows = pd.read_parquet(f"{out}/windows")
     assert sorted(videos.index) == sorted([f"{SHARD}/a", f"{SHARD}/b", *OBJECTS])
@@ -77,7 +77,7 @@ def test_a_stream_that_ends_short_commits_nothing_more_and_says_so(tmp_path):
     writer.add(_batch(_window(f"{SHARD}/a", 0, 2), _window(SHARD, ClipRow.SHARD_END, 1)))
     with pytest.raises(RuntimeError, match="1 units incomplete"):
         writer.finish()
-    assert label_writer.part_files(out, "videos") == label_writer.part_files(out, "windows") == []
+    assert labels.part_files(out, "videos") == labels.part_files(out, "windows") == []
 
 
 def test_a_windows_file_without_its_videos_file_is_removed(tmp_path):
@@ -87,5 +87,5 @@ def test_a_windows_file_without_its_videos_file_is_removed(tmp_path):
     for name in ("part-a.parquet", "part-b.parquet"):
         (out / "windows" / name).write_bytes(b"x")
     (out / "videos" / "part-a.parquet").write_bytes(b"x")
-    label_writer.remove_uncommitted(str(out))
+    labels.remove_uncommitted(str(out))
     assert sorted(p.name for p in (out / "windows").iterdir()) == ["part-a.parquet"]

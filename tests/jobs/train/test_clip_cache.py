@@ -1,4 +1,4 @@
-"""The cache of decoded clips (`ray_jobs.clip_cache`) on real Ray, real PyAV and a real S3 server:
+"""The cache of decoded clips (`ray_jobs.train.clip_cache`) on real Ray, real PyAV and a real S3 server:
 it gives the rows the decode stage gives, decodes each unit once, makes new entries for anything
 that changes the decoded clips, keeps its size bound, and a killed fill leaves whole units only.
 """
@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from groupemotion_core.config import preset
+from groupemotion_core.model.config import preset
 from groupemotion_core.schema import ClipRow
-from groupemotion_core.spec import FIRST_WINDOW, WindowPlan
-from groupemotion_core.synthetic import make_dataset
-from ray_jobs import storage
-from ray_jobs.clip_cache import (AUDIO_PCM16, EXIT_AFTER_UNITS_ENV, FRAMES_JPEG, MAX_FRAME_RATIO, ClipCache,
+from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan
+from groupemotion_core.media.synthetic import make_dataset
+from ray_jobs.inputs import storage
+from ray_jobs.train.clip_cache import (AUDIO_PCM16, EXIT_AFTER_UNITS_ENV, FRAMES_JPEG, MAX_FRAME_RATIO, ClipCache,
                                  encode_frames)
-from ray_jobs.pack import pack
+from ray_jobs.commands.pack import pack
 
 CLIP = dict(width=64, height=48, fps=8.0, seconds=1.0)
 PER_CLASS = 2
@@ -59,8 +59,8 @@ def units_files(cache: ClipCache) -> dict[str, int]:
 
 
 def test_a_fill_decodes_each_unit_once_and_reads_back_the_decode_stage_rows(filled, shards):
-    from ray_jobs.decode_stage import decode_dataset
-    from ray_jobs.sources import read_sources
+    from ray_jobs.decode.stage import decode_dataset
+    from ray_jobs.inputs.sources import read_sources
 
     cache, units, stats, committed = filled["cache"], filled["units"], filled["stats"], filled["files"]
     assert len(units) == -(-VIDEOS // SHARD_SIZE)
@@ -144,10 +144,10 @@ def test_a_killed_fill_leaves_whole_units_and_the_rerun_decodes_only_the_rest(ra
     uri = str(tmp_path / "cache")
     script = textwrap.dedent(f"""
         import dataclasses
-        from groupemotion_core.config import preset
-        from groupemotion_core.spec import FIRST_WINDOW
-        from ray_jobs.clip_cache import ClipCache
-        from ray_jobs.runtime import ensure_ray
+        from groupemotion_core.model.config import preset
+        from groupemotion_core.media.spec import FIRST_WINDOW
+        from ray_jobs.train.clip_cache import ClipCache
+        from ray_jobs.runtime.session import ensure_ray
         ensure_ray()
         spec = dataclasses.replace(preset("tiny").decode_spec(), clip_seconds=1.0, num_frames=4)
         cache = ClipCache({uri!r}, spec, FIRST_WINDOW)

@@ -19,13 +19,13 @@ import pytest
 import s3fs
 import torch
 
-from groupemotion_core.checkpoint import load_checkpoint
-from groupemotion_core.config import preset
+from groupemotion_core.weights.checkpoint import load_checkpoint
+from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES
-from groupemotion_core.synthetic import make_dataset
+from groupemotion_core.media.synthetic import make_dataset
 from ray_jobs import cli
-from ray_jobs.pack import pack
-from ray_jobs.train_loop import _load_optimizer_state, _save_optimizer_state
+from ray_jobs.commands.pack import pack
+from ray_jobs.train.loop import _load_optimizer_state, _save_optimizer_state
 
 CLIP = dict(width=64, height=48, fps=8.0, seconds=1.0)
 TRAIN_PER_CLASS, VAL_PER_CLASS, BROKEN_TRAIN_CLIPS = 12, 4, 2
@@ -218,8 +218,8 @@ def test_run_config_records_the_pretrained_weights_it_starts_from(tmp_path: Path
 
     from transformers import HubertModel
 
-    from groupemotion_core.encoders import hubert_config
-    from ray_jobs.train import _resolved_config
+    from groupemotion_core.model.encoders import hubert_config
+    from ray_jobs.commands.train import _resolved_config
 
     HubertModel(hubert_config(preset("tiny").audio)).save_pretrained(tmp_path / "hubert")
     argv = ["train", "--train", "t", "--val", "v", "--output", str(tmp_path / "run"), "--preset", "tiny",
