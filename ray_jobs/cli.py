@@ -2,9 +2,10 @@
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
 Only the module of the chosen subcommand is imported, so `groupemotion decode` does not pay for
-importing Ray. A user mistake (GroupEmotionError) prints `error: <reason>: <detail>` and exits 2
-with no traceback; Ctrl-C exits 130. Every s3:// argument is checked before the command runs, so
-a storage mistake takes seconds to report, not a job's worth of retries.
+importing Ray. A GroupEmotionError prints `error: <reason>: <detail>` with no traceback and exits
+2 for a mistake to fix or 75 for a failure that running the same command again finishes
+(groupemotion_core.errors.RETRYABLE); Ctrl-C exits 130. Every s3:// argument is checked before
+the command runs, so a storage mistake takes seconds to report, not a job's worth of retries.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import EXIT_INTERRUPTED, GroupEmotionError
 
 # name -> (module, one-line summary shown by `groupemotion --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except GroupEmotionError as e:
         print(f"error: {e.reason}: {e.detail}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 # The arguments a command writes to; every other s3:// argument is only read.

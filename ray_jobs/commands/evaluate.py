@@ -26,9 +26,9 @@ DIR (a local folder) receives:
 Failed videos are not scored (they are counted in metrics.json), since a video that cannot be
 decoded has no prediction to be right or wrong about. A video the object store failed to serve
 after its retries is another matter: a score without it would describe other data, so the
-evaluation then writes no report and ends with `error: <reason>: ...` (exit status 2), to be run
-again. Like `infer`, it stops with `error: stalled: ...` after `--stall-timeout` seconds without
-progress (a lost node the cluster does not replace).
+evaluation then writes no report and ends with `error: <reason>: ...` (exit status 75 for
+`storage_unavailable`), to be run again. Like `infer`, it stops with `error: stalled: ...` after
+`--stall-timeout` seconds without progress (a lost node the cluster does not replace).
 """
 
 from __future__ import annotations

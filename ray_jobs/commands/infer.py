@@ -59,13 +59,14 @@ back to the driver, in no particular order; units commit as they complete.
 Faults. A node lost mid-job costs the work in flight on it, not the job: Ray restarts the lost
 actors and retries their tasks where the cluster has room. Where it has none (a node that is not
 replaced), the job stops after `--stall-timeout` seconds without a batch (default 600) with
-`error: stalled: ...` and exit status 2; run the same command again (or let the orchestrator do
+`error: stalled: ...` and exit status 75; run the same command again (or let the orchestrator do
 it: a RayJob's backoffLimit, a retry around `ray job submit`) and it labels what no committed unit
 holds. Videos the object store failed
 to serve after its retries (`storage_unavailable`, ...) are not labelled as errors: their units are
 left uncommitted, the others are committed, and the job ends with the summary, then
-`error: <reason>: N of M units were left for a rerun: ...` and exit status 2; the rerun tries those units
-again. A failure to write the output stops the job at once, in one line, exit status 2. Nothing
+`error: <reason>: N of M units were left for a rerun: ...` and exit status 75; the rerun tries those units
+again. A failure to write the output stops the job at once, in one line (exit status 75 when the
+store kept failing, 2 for a mistake such as access denied). Nothing
 is lost or duplicated in any of these cases, and `_SUCCESS` is written only when every unit is.
 
 The console shows one progress line (videos and windows done, rate, errors, ETA) and a line per

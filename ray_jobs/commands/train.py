@@ -27,9 +27,9 @@ that dies, or the node it runs on, is replaced and the run continues from the la
 up to --max-failures times, as soon as the cluster has room for the workers again. When no batch
 has reached a worker for --stall-timeout seconds (default 600: a lost node the cluster does not
 replace, workers it cannot place, a store that stopped answering) the job stops with
-`error: stalled: ...` and exit status 2, and running it again resumes. A run in which no
+`error: stalled: ...` and exit status 75, and running it again resumes. A run in which no
 training clip (or no validation clip) could be read stops with the clips' reason, e.g.
-`error: storage_unavailable: ...` or `error: undecodable: ...` (exit status 2), and exports no
+`error: storage_unavailable: ...` (exit status 75) or `error: undecodable: ...` (2), and exports no
 model; a failure to write the checkpoints or metrics to --output stops it in one line too.
 --fail-once-at-epoch E is the switch that proves recovery: one worker exits in the middle of
 epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened).

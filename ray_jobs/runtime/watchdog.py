@@ -6,7 +6,7 @@ then wait for the cluster to have room for them again: an autoscaler (or KubeRay
 pod) gives it within minutes, a cluster that stays smaller never does, and a store that accepts
 connections but never answers holds one request for minutes too. So every job watches its own
 progress, and when nothing has moved for `--stall-timeout` seconds it stops with
-`error: stalled: ...` and exit status 2, for the orchestrator (KubeRay, `ray job submit`, a
+`error: stalled: ...` and exit status 75 (EX_TEMPFAIL: try again), for the orchestrator (KubeRay, `ray job submit`, a
 person) to run it again; the rerun finishes the work exactly once (committed units are kept,
 training resumes from its latest checkpoint, the pools are sized from the cluster as it is then).
 
@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import EXIT_RETRY, GroupEmotionError
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class Stalled(GroupEmotionError):
 def add_stall_argument(parser) -> None:
     parser.add_argument(
         "--stall-timeout", type=_positive_seconds, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
-        help="stop the job (error: stalled, exit status 2) when it has made no progress for S seconds, "
+        help="stop the job (error: stalled, exit status 75) when it has made no progress for S seconds, "
              "e.g. after losing a node the cluster does not replace; running the same command again "
              "finishes the work exactly once (default: %(default)g)")
 
@@ -229,9 +229,9 @@ def watched_call(fn: Callable[[], T], pulse: Pulse, timeout_s: float, what: str,
 
 
 @contextlib.contextmanager
-def exit_in_bounded_time(grace_s: float = EXIT_GRACE_S, status: int = 2) -> Iterator[None]:
+def exit_in_bounded_time(grace_s: float = EXIT_GRACE_S) -> Iterator[None]:
     """Around a command's work: when a Stalled leaves the block, the process is ended with
-    `status` after `grace_s` seconds, should the orderly exit (the CLI's error line, Python's
+    EXIT_RETRY, the status the CLI gives a stall, after `grace_s` seconds, should the orderly exit (the CLI's error line, Python's
     joining of threads, Ray's shutdown at exit) not have ended it by then. For commands only:
     a library caller's process is not its to end."""
     try:
@@ -240,7 +240,7 @@ def exit_in_bounded_time(grace_s: float = EXIT_GRACE_S, status: int = 2) -> Iter
         def end() -> None:
             time.sleep(grace_s)
             sys.stderr.flush()
-            os._exit(status)
+            os._exit(EXIT_RETRY)
 
         threading.Thread(target=end, name="bounded exit", daemon=True).start()
         raise

@@ -1,6 +1,6 @@
 """Storage mistakes are one line: no credentials, an unknown bucket, access denied and an endpoint
 that nobody answers at give `error: <reason>: <what to check>` and exit 2, from every command,
-before any job starts Ray."""
+before any job starts Ray. A store that is there but keeps failing is no mistake: exit 75."""
 
 from __future__ import annotations
 
@@ -156,3 +156,22 @@ def test_a_storage_mistake_is_one_line_and_exit_2_from_every_command(
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: {mistake}: s3://"), done.stderr
     assert variable in lines[0] and done.stdout == ""
+
+
+def test_a_store_that_keeps_failing_exits_75_and_the_same_command_later_succeeds(tmp_path, data_bucket, flaky_s3):
+    """Not a mistake: the store answers, throttling every request past the retries. Exit status 75
+    (EX_TEMPFAIL) tells a retry loop to run the command again, which 2 tells it not to."""
+    argv = [sys.executable, "-m", "ray_jobs.cli", "decode", f"{data_bucket}/videos/Positive/a.mp4", "--size", "32"]
+    flaky_s3.faults, flaky_s3.failure_rate = ("slowdown",), 1.0
+
+    done = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 75, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: storage_unavailable: {data_bucket}/videos/"), done.stderr
+    assert flaky_s3.injected["slowdown"] >= 2  # the retries met the fault too
+
+    flaky_s3.failure_rate = 0.0
+    again = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["frames_shape"][1:] == [32, 32, 3]
