@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The arguments a command writes to; every other s3:// argument is only read.
-WRITES: dict[str, tuple[str, ...]] = {"pack": ("dest",), "train": ("output", "cache"), "infer": ("output",)}
+WRITES: dict[str, tuple[str, ...]] = {"pack": ("dest",), "train": ("output", "cache"), "infer": ("output",),
+                                      "eval": ("report",)}
 
 
 def check_storage(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ arguments the real parser accepts."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import subprocess
@@ -77,28 +78,32 @@ def test_raycluster_has_the_fields_kuberay_requires():
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
 
 
-@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-infer.yaml"])
-def test_rayjobs_target_the_raycluster_and_parse(name):
+RAYJOBS = ["rayjob-train.yaml", "rayjob-infer.yaml"]
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjobs_target_the_raycluster_and_are_rerun_when_they_fail(name):
     rc = _load(KUBERAY / "raycluster.yaml")
     job = _load(KUBERAY / name)
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
-    _check_command(job["spec"]["entrypoint"])
+    assert 1 <= job["spec"]["backoffLimit"] <= 5  # reruns finish a failed job; a mistake fails a few times
 
 
 def _named_commands() -> list[str]:
-    """Every `groupemotion ...` or `python -m ray_jobs.<job> ...` line in the docs and manifests."""
-    texts = [p.read_text() for p in [ROOT / "README.md", CLUSTER / "README.md"]]
+    """Every `groupemotion ...` or `python -m ray_jobs.commands.<job> ...` command in README.md,
+    cluster/README.md and the RayJobs' entrypoints, one line each."""
     commands = []
-    for text in texts:
-        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for path in [ROOT / "README.md", CLUSTER / "README.md"]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
             joined = block.replace("\\\n", " ")
             for line in joined.splitlines():
                 line = line.split("#", 1)[0].strip()
                 match = re.search(r"(groupemotion\s+\w+.*|python3? -m ray_jobs\.commands\.\w+.*)", line)
                 if match and "bin/groupemotion" not in line.split()[0]:
                     commands.append(match.group(1))
+    commands += [" ".join(_load(KUBERAY / name)["spec"]["entrypoint"].split()) for name in RAYJOBS]
     return commands
 
 
@@ -111,16 +116,50 @@ def _argv(command: str) -> list[str]:
     return [job, *words[3:]]
 
 
-def _check_command(command: str) -> None:
-    argv = _argv(" ".join(command.split()))
-    cli.build_parser(argv).parse_args(argv)  # raises SystemExit on an unknown flag
+def _parse(command: str) -> argparse.Namespace:
+    argv = _argv(command)
+    return cli.build_parser(argv).parse_args(argv)  # raises SystemExit on an unknown flag
 
 
 def test_documented_commands_exist_and_parse():
     commands = _named_commands()
-    assert len(commands) >= 5
+    assert len(commands) >= 10
     for command in commands:
-        _check_command(command)
+        _parse(command)
+
+
+def test_documented_hub_ids_are_pinned_to_a_revision_with_safetensors():
+    """A hub id without `@REVISION` takes the main branch, which for facebook/hubert-base-ls960
+    holds only a pickle, and is refused: a user copying the command would meet that refusal.
+    timm's organisation publishes model.safetensors on the main branch of every repository."""
+    from groupemotion_core.weights.pretrained import parse_hub_id
+
+    hub_ids = []
+    for command in _named_commands():
+        args = _parse(command)
+        for kind in ("vision", "audio"):
+            source = getattr(args, f"pretrained_{kind}", None)
+            if source is not None and not source.startswith(("./", "/", "~")):
+                hub_ids.append((command, kind, *parse_hub_id(source, kind)))
+    assert {kind for _, kind, _, _ in hub_ids} == {"vision", "audio"}
+    for command, kind, repo, revision in hub_ids:
+        assert revision is not None or repo.startswith("timm/"), f"{kind} hub id {repo} unpinned in: {command}"
+
+
+def test_cluster_jobs_name_the_pools_an_autoscaling_cluster_grows_to():
+    """Without --actors and --decode-cpus, infer and eval size their pools from the cluster as it
+    is when they start, which on an autoscaling cluster that has scaled to zero is nothing."""
+    cluster_text = (CLUSTER / "README.md").read_text()
+    jobs = [c for c in _named_commands() if c in cluster_text or c.startswith("python -m ray_jobs.commands")]
+    pooled = [_parse(c) for c in jobs if _argv(c)[0] in ("infer", "eval")]
+    assert len(pooled) >= 3  # cluster/README.md's infer and eval, and the infer RayJob
+    for args in pooled:
+        assert args.actors and args.decode_cpus and args.gpus_per_actor == 1, args
+
+
+def test_the_eval_report_on_a_cluster_goes_to_object_storage():
+    reports = [_parse(c).report for c in _named_commands() if _argv(c)[0] == "eval" and "ray_jobs" in c]
+    assert reports and all(r.startswith("s3://") for r in reports)
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -132,13 +171,30 @@ def test_every_entrypoint_answers_help(command):
         assert "usage:" in done.stdout
 
 
-def test_image_installs_the_package_the_readme_installs():
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_image_installs_the_package_and_the_pins_the_readme_installs():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert re.search(r"^FROM pytorch/pytorch:\S+cuda\S+", dockerfile, flags=re.M)
-    assert re.search(r"^RUN pip install \.$", dockerfile, flags=re.M)
+    installs = re.findall(r"^RUN pip install (.*)$", dockerfile, flags=re.M)
+    assert installs == ["-c constraints.txt ."]  # nothing installed beside the pins
+    assert re.search(r"^COPY .*\bconstraints\.txt .*\./$", dockerfile, flags=re.M)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert f"COPY {package.rstrip('*')} " in dockerfile
     readme = (ROOT / "README.md").read_text()
-    assert re.search(r"pip install (-e )?\"?\.(\[dev\])?\"?", readme)
+    assert re.search(r"pip install (-e )?\"?\.(\[dev\])?\"? -c constraints\.txt", readme)
     assert project["project"]["name"] == "groupemotion"
+
+
+def test_the_image_and_the_raycluster_run_the_pinned_ray_and_a_torch_weights_convert_accepts():
+    from groupemotion_core.weights.convert import MIN_TORCH
+    from torch.torch_version import TorchVersion
+
+    pins = _pins()
+    assert _load(KUBERAY / "raycluster.yaml")["spec"]["rayVersion"] == pins["ray"]
+    assert TorchVersion(pins["torch"]) >= MIN_TORCH
+    # torch comes from the pins, not from the base image (whose torch would be replaced or clash).
+    assert re.search(r"^FROM python:3\.\d+\S*$", (CLUSTER / "Dockerfile").read_text(), flags=re.M)

@@ -13,7 +13,8 @@ its `videos/` label in `infer`, the mean of its windows' probabilities weighted 
 VGAF 5 s clip is one window). Only the small prediction rows come back to the driver, which holds
 the rows of the videos in flight.
 
-DIR (a local folder) receives:
+DIR (a local folder, or an s3:// prefix on a cluster, where the driver's disk is not where
+anyone looks) receives three files, each written atomically, after every video was scored:
 
     metrics.json          `groupemotion_core.model.training.classification_metrics` over the videos with
                           a known label and at least one labelled window, plus precision/F1 per
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import io
 import json
 import os
 import time
@@ -53,7 +55,8 @@ from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argumen
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipeline.add_prediction_arguments(parser)
-    parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
+    parser.add_argument("--report", required=True, metavar="DIR",
+                        help="where the report goes: a local folder or an s3:// prefix")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
     add_stall_argument(parser)
 
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                            plan=pipeline.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
                            stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
-    print(f"report: {os.path.abspath(args.report)}", flush=True)
+    report = args.report if storage.is_remote(args.report) else os.path.abspath(args.report)
+    print(f"report: {report}", flush=True)
     return 0
 
 
@@ -147,12 +151,13 @@ def evaluate(
         window_errors=dict(window_errors),
         seconds=round(time.monotonic() - started, 3),
     )
-    os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
-    write_per_class_csv(metrics["per_class"], os.path.join(report_dir, "per_class.csv"))
-    plot_confusion(confusion, metrics, os.path.join(report_dir, "confusion_matrix.png"))
+    files = {
+        "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+        "per_class.csv": per_class_csv(metrics["per_class"]),
+        "confusion_matrix.png": plot_confusion(confusion, metrics),
+    }
+    for name, data in files.items():
+        storage.write_bytes_atomic(storage.join(report_dir, name), data)
     return metrics
 
 
@@ -169,15 +174,17 @@ def per_class(confusion: np.ndarray) -> list[dict]:
     ]
 
 
-def write_per_class_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["class", "support", "recall", "precision", "f1"])
-        writer.writeheader()
-        writer.writerows({**r, **{k: f"{r[k]:.4f}" for k in ("recall", "precision", "f1")}} for r in rows)
+def per_class_csv(rows: list[dict]) -> bytes:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["class", "support", "recall", "precision", "f1"])
+    writer.writeheader()
+    writer.writerows({**r, **{k: f"{r[k]:.4f}" for k in ("recall", "precision", "f1")}} for r in rows)
+    return text.getvalue().encode()
 
 
-def plot_confusion(confusion: np.ndarray, metrics: dict, path: str) -> None:
-    """The paper's Fig. 2: each cell shows its count and its share of the true class's clips."""
+def plot_confusion(confusion: np.ndarray, metrics: dict) -> bytes:
+    """The paper's Fig. 2 as PNG bytes: each cell shows its count and its share of the true
+    class's clips."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,8 +204,10 @@ def plot_confusion(confusion: np.ndarray, metrics: dict, path: str) -> None:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"accuracy {100 * metrics['accuracy']:.1f}%, macro-F1 {metrics['macro_f1']:.3f}, n={metrics['count']}")
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    return png.getvalue()
 
 
 def format_table(metrics: dict) -> str:

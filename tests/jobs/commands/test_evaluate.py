@@ -9,6 +9,7 @@ model through the CLI.
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -70,3 +71,29 @@ def test_eval_scores_videos_as_infer_labels_them_and_the_report_agrees(ray_sessi
         assert abs(float(row["recall"]) - metrics["per_class_recall"][row["class"]]) < 1e-4
     with Image.open(report / "confusion_matrix.png") as image:
         assert image.format == "PNG" and image.width >= 400 and image.height >= 400
+
+
+def test_eval_writes_its_report_to_object_storage(ray_session, s3_bucket, tmp_path, capsys):
+    from ray_jobs.inputs import storage
+
+    data = tmp_path / "data"
+    for i, label in enumerate(CLASSES):
+        (data / label).mkdir(parents=True)
+        render_clip(SyntheticClip(label=label, width=64, height=48, seconds=1.0, fps=4.0, seed=i),
+                    data / label / f"v{i}.mp4")
+    torch.manual_seed(0)
+    save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "ckpt")
+    report = f"{s3_bucket}/reports/tiny-v1"
+
+    assert main(["eval", str(data), "--model", str(tmp_path / "ckpt"), "--report", report,
+                 "--actors", "1", "--decode-cpus", "1", "--batch-size", "4"]) == 0
+
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"report: {report}"
+    assert sorted(uri for uri, _ in storage.find(report)) == [
+        f"{report}/{name}" for name in ("confusion_matrix.png", "metrics.json", "per_class.csv")]
+    metrics = json.loads(storage.read_bytes(f"{report}/metrics.json"))
+    assert metrics["count"] == 3 and np.array(metrics["confusion"]).sum(axis=1).tolist() == [1, 1, 1]
+    table = list(csv.DictReader(storage.read_bytes(f"{report}/per_class.csv").decode().splitlines()))
+    assert [(r["class"], int(r["support"])) for r in table] == [(c, 1) for c in CLASSES]
+    with Image.open(io.BytesIO(storage.read_bytes(f"{report}/confusion_matrix.png"))) as image:
+        assert image.format == "PNG" and image.width >= 400
