@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where data, shards, checkpoints, labels and report go (default: %(default)s)")
     parser.add_argument("--clips-per-class", type=int, default=16,
                         help="training clips per class; val and held-out get half (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own output on the console too (otherwise it goes to the Ray "

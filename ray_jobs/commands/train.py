@@ -2,9 +2,10 @@
 
 Reads labelled clips (tar shards written by `groupemotion pack`, or video folders with one
 subfolder per class) from local paths or s3:// URIs, decodes them in the Ray Data decode stage,
-and trains on N Ray Train workers (one GPU each with --gpu): Adam at --lr, encoders at
-lr x 1e-2, label smoothing 0.2, bf16 autocast on GPUs. After every epoch the validation accuracy, macro-F1,
-per-class recall and confusion matrix are printed and a checkpoint is written.
+and trains on N Ray Train workers (one GPU each with --gpu): Adam at --lr, pretrained encoders at
+lr x 1e-2 (random ones at lr), label smoothing 0.2, bf16 autocast on GPUs. After every epoch the
+validation accuracy, macro-F1, per-class recall and confusion matrix are printed and a checkpoint
+is written.
 
 What lands under --output (a local folder or s3://bucket/prefix):
   run_config.json   the resolved model and training configuration
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="steps whose gradients are summed before each optimizer step; the "
                             "effective batch is workers x batch size x N (default: %(default)s)")
     train.add_argument("--lr", type=float, default=1e-4,
-                       help="Adam learning rate of the fusion head; encoders get lr x 1e-2 (default: %(default)s)")
+                       help="Adam learning rate of the fusion head; encoders get lr x 1e-2 when they start from "
+                            "pretrained weights, lr when they start random (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     train.add_argument("--shuffle-buffer", type=int, default=256, metavar="N",
                        help="decoded clips each worker shuffles among; the stream is otherwise in "

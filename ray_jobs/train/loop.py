@@ -55,7 +55,7 @@ from groupemotion_core.model.config import ModelConfig
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.weights.pretrained import load_pretrained
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow
-from groupemotion_core.model.training import build_optimizer, classification_metrics, loss_fn
+from groupemotion_core.model.training import build_optimizer, classification_metrics, encoder_lr_scale, loss_fn
 from ray_jobs.inputs import storage
 
 # Files of one training checkpoint, beside the core's model files (model.safetensors, config.json).
@@ -125,7 +125,9 @@ def _setup(config: dict[str, Any]) -> _Run:
                          f"continuing at epoch {train_state['epoch'] + 1} of {config['epochs']}")
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(getattr(model, "module", model), lr=config["lr"])
+    pretrained = bool(config.get("pretrained_vision") or config.get("pretrained_audio"))
+    optimizer = build_optimizer(getattr(model, "module", model), lr=config["lr"],
+                                encoder_lr_scale=encoder_lr_scale(pretrained))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     return _Run(config, model, optimizer, device, rank, world_size,
