@@ -39,6 +39,11 @@ class DecodeSpec:
     def audio_samples(self) -> int:
         return int(round(self.clip_seconds * self.sample_rate))
 
+    @property
+    def frame_shape(self) -> tuple[int, int, int, int]:
+        """A clip's uint8 frames: [T, H, W, 3]."""
+        return (self.num_frames, self.frame_size, self.frame_size, 3)
+
 
 @dataclass(frozen=True)
 class WindowPlan:

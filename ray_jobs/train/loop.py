@@ -259,8 +259,7 @@ def _placeholder(run: _Run) -> dict[str, torch.Tensor]:
     cfg = run.module.config
     spec = cfg.decode_spec()
     return {
-        "frames": torch.zeros((1, spec.num_frames, spec.frame_size, spec.frame_size, 3),
-                              dtype=torch.uint8, device=run.device),
+        "frames": torch.zeros((1, *spec.frame_shape), dtype=torch.uint8, device=run.device),
         "audio": torch.zeros((1, spec.audio_samples), dtype=torch.float32, device=run.device),
         "audio_len": torch.zeros((1,), dtype=torch.int64, device=run.device),
         "label": torch.full((1,), UNKNOWN_LABEL, dtype=torch.int64, device=run.device),
