@@ -49,7 +49,8 @@ from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
 from ray_jobs.inputs import storage
-from ray_jobs.runtime.watchdog import add_stall_argument, exit_in_bounded_time
+from ray_jobs.commands.args import add_stall_argument
+from ray_jobs.runtime.watchdog import exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"  # the Ray Train run name under --output
