@@ -16,6 +16,7 @@ import os
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import DecodeSpec, Window, decode_clip, decode_windows
 from groupemotion_core.media.spec import WindowPlan
+from groupemotion_core.videos import covered_seconds
 from ray_jobs.commands.args import add_window_arguments, non_negative_float, positive_float, positive_int, window_plan
 
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "frames_shape": list(spec.frame_shape),
         "sample_rate": spec.sample_rate,
         "clip_seconds": spec.clip_seconds,
-        "seconds": round(_covered([w for w in windows if w.error is None]), 3),
+        "seconds": round(covered_seconds((w.start_s, w.end_s) for w in windows if w.error is None), 3),
         "errors": sum(w.error is not None for w in windows),
         "windows": [_window_summary(w, spec) for w in windows],
     }
@@ -72,7 +73,7 @@ def _source(file: str, spec: DecodeSpec):
 def _window_summary(window: Window, spec: DecodeSpec) -> dict:
     summary = {"window": window.index, "start_s": round(window.start_s, 3), "end_s": round(window.end_s, 3)}
     if window.error is not None:
-        return {**summary, "error": f"{window.error.reason}: {window.error.detail}"}
+        return {**summary, "error": str(window.error)}
     clip = window.clip
     return {
         **summary,
@@ -82,15 +83,6 @@ def _window_summary(window: Window, spec: DecodeSpec) -> dict:
         "audio_seconds": round(clip.audio_len / spec.sample_rate, 3),
         "error": None,
     }
-
-
-def _covered(windows: list[Window]) -> float:
-    """Seconds of video inside at least one of the windows (they may overlap)."""
-    total, reached = 0.0, 0.0
-    for w in sorted(windows, key=lambda w: w.start_s):
-        total += max(0.0, w.end_s - max(w.start_s, reached))
-        reached = max(reached, w.end_s)
-    return total
 
 
 if __name__ == "__main__":

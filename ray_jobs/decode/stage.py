@@ -162,10 +162,10 @@ class _DecodeBatch:
             return
         try:
             for w in self._decoder.windows(key, bytes(video)):
-                error = None if w.error is None else f"{w.error.reason}: {w.error.detail}"
+                error = None if w.error is None else str(w.error)
                 yield key, w.index, w.count, w.start_s, w.end_s, w.clip or self._blank(), index, error
         except GroupEmotionError as e:
-            yield self._failed(key, index, f"{e.reason}: {e.detail}")
+            yield self._failed(key, index, str(e))
 
     def _failed(self, key: str, label: int, error: str) -> tuple:
         return key, ClipRow.WHOLE_VIDEO, 0, 0.0, 0.0, self._blank(), label, error
