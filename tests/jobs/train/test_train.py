@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
@@ -61,13 +60,10 @@ def metrics_lines(fs, path: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_session, s3_server, data, tmp_path_factory) -> dict:
+def s3_run(ray_session, s3_server, make_bucket, data, tmp_path_factory) -> dict:
     """One finished 3-epoch run whose --output is on S3, and what it printed."""
-    import boto3
-
-    bucket = f"train-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    output = f"s3://{bucket}/runs/tiny"
+    output = f"{make_bucket()}/runs/tiny"
+    bucket = output[len("s3://"):].split("/", 1)[0]
     capture = tmp_path_factory.mktemp("capture") / "stdout"
     with capture.open("w") as out, contextlib.redirect_stdout(out):
         status = train(data, output, "--epochs", str(EPOCHS))
