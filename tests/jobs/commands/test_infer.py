@@ -168,6 +168,7 @@ def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows
     assert json.loads((spread / "_job.json").read_text())["window_plan"]["max_windows"] == 4
 
 
+@pytest.mark.slow
 def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, tiny_checkpoint, tmp_path):
     ckpt_dir, _ = tiny_checkpoint
     shards = tmp_path / "shards"

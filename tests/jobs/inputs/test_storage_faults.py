@@ -199,6 +199,7 @@ def _read(uri: str) -> pd.DataFrame:
     return pd.read_parquet(path, filesystem=fs)
 
 
+@pytest.mark.slow
 def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_every_video_once(
     videos, tiny_checkpoint, s3_bucket, flaky_s3, record_property
 ):
@@ -239,6 +240,7 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
     assert min(flaky_s3.injected[kind] for kind in ("slowdown", "drop", "truncate")) >= 1, flaky_s3.injected
 
 
+@pytest.mark.slow
 def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two_epochs(
     tmp_path, s3_bucket, flaky_s3, record_property
 ):

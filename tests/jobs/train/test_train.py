@@ -71,6 +71,7 @@ def s3_run(ray_session, s3_server, make_bucket, data, tmp_path_factory) -> dict:
             "stdout": capture.read_text(), "fs": s3fs.S3FileSystem(endpoint_url=s3_server)}
 
 
+@pytest.mark.slow
 def test_training_learns_the_classes(s3_run):
     assert s3_run["status"] == 0
     history = metrics_lines(s3_run["fs"], f"{s3_run['output']}/metrics.jsonl")
@@ -90,6 +91,7 @@ def test_training_learns_the_classes(s3_run):
         assert s3_run["stdout"].count(f"[train] epoch {epoch}/{EPOCHS}: ") == 1
 
 
+@pytest.mark.slow
 def test_checkpoints_and_config_land_on_s3(s3_run):
     fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
     names = {p[len(root) + 1:] for p in fs.find(root)}
@@ -107,6 +109,7 @@ def test_checkpoints_and_config_land_on_s3(s3_run):
     assert run_config["training"]["effective_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
     fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
     fs.get(f"{root}/best/", str(tmp_path / "best"), recursive=True)
@@ -122,6 +125,7 @@ def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
     assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_fills_the_cache_and_a_later_run_reads_it_through_a_worker_death(
     s3_run, data, tmp_path: Path, capsys
 ):
