@@ -18,6 +18,7 @@ import pytest
 import s3fs
 import torch
 
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.weights.checkpoint import load_checkpoint
 from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES
@@ -209,6 +210,17 @@ def test_a_rerun_with_another_model_is_refused(ray_session, data, tmp_path: Path
     (tmp_path / "run_config.json").write_text(json.dumps({"model": other}))
     assert train(data, str(tmp_path), "--epochs", "1") == 2
     assert "error: config_mismatch" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_temporal_pool_existed_resumes_with_feature_map_pooling_only(tmp_path: Path):
+    from ray_jobs.commands.train import RUN_CONFIG, _check_same_model
+
+    old = preset("paper-framewise").to_dict()
+    del old["vision"]["temporal_pool"]  # as every run_config.json written before the field
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({"model": old}))
+    _check_same_model(str(tmp_path), {"model": preset("paper-framewise").to_dict()})
+    with pytest.raises(GroupEmotionError, match="config_mismatch"):
+        _check_same_model(str(tmp_path), {"model": preset("paper").to_dict()})
 
 
 def test_run_config_records_the_pretrained_weights_it_starts_from(tmp_path: Path):
