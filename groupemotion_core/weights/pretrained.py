@@ -99,13 +99,22 @@ def resolve(source: str, kind: str) -> WeightsSource:
     path = Path(source).expanduser()
     if path.exists():
         return WeightsSource(source, _local_weights(path, kind, source))
+    return resolve_hub(source, kind)
+
+
+def resolve_hub(source: str, kind: str) -> WeightsSource:
+    """A hub id -> the cache's snapshot of the commit it names, which must hold model.safetensors.
+
+    Fine-tuned checkpoints (`--model hf-hub:...`, kind "checkpoint") are resolved here too: the
+    same pinning, cache and offline behaviour as the encoders.
+    """
     repo, revision = parse_hub_id(source, kind)
     revision = revision or "main"
     snapshot = _fetch(repo, revision, source)
     if not (snapshot / WEIGHTS_NAME).is_file():
+        convert = "" if kind == "checkpoint" else f", or download its pickle and {_CONVERT_HINT}"
         raise GroupEmotionError("bad_weights", f"{source}: {repo} has no {WEIGHTS_NAME} at revision {revision} "
-                                               f"(commit {snapshot.name}); pin a revision that has one, or "
-                                               f"download its pickle and {_CONVERT_HINT}")
+                                               f"(commit {snapshot.name}); pin a revision that has one{convert}")
     return WeightsSource(source, snapshot, repo=repo, revision=revision, commit=snapshot.name)
 
 

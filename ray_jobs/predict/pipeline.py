@@ -270,7 +270,8 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="tar shards, videos, folders, prefixes, globs, manifests")
     parser.add_argument("--model", required=True,
-                        help="checkpoint folder or URI, or preset:tiny|paper (random weights)")
+                        help="checkpoint folder or URI, hf-hub:OWNER/REPO[@REVISION] (a checkpoint on the "
+                             "Hugging Face hub), or preset:tiny|paper (random weights)")
     parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
                         help="all: windows over the whole video (default); first: one window from 0")
     parser.add_argument("--stride", type=_positive_float, metavar="S",

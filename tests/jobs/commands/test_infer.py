@@ -36,6 +36,7 @@ from ray_jobs.cli import main
 from ray_jobs.predict.model_ref import describe_model_ref, load_model_ref
 from ray_jobs.commands.pack import pack
 from ray_jobs.predict.pipeline import PredictOptions
+from tests.hub import COMMIT, cached_snapshot
 
 # name -> (class folder, has audio, seconds); plus two files that are not decodable videos.
 # The tiny model's windows are 5 s: the 7 s clips have two windows (5 s and 2 s).
@@ -217,6 +218,25 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     done = json.loads((output / infer.SUCCESS_FILE).read_text())
     assert (done["units_skipped"], done["units_committed"]) == (1, 4)
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))
+
+
+def test_a_checkpoint_on_the_hub_labels_offline_and_the_job_names_its_commit(videos, checkpoint, hub_cache, tmp_path):
+    """The folder `train` exports, uploaded as it is, then found in the HF cache by the real
+    command with HF_HUB_OFFLINE=1: on its own local Ray, whose model actor resolves it too."""
+    ckpt_dir, model_id = checkpoint
+    shutil.copytree(ckpt_dir, cached_snapshot(hub_cache, "me/tiny-emotion", "main"), dirs_exist_ok=True)
+    output = tmp_path / "labels"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "infer", str(videos / "Positive"), "--model",
+                           "hf-hub:me/tiny-emotion", "--output", str(output), "--actors", "1", "--decode-cpus", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((output / infer.JOB_FILE).read_text())
+    assert (job["model_id"], job["model_ref"]) == (model_id, "hf-hub:me/tiny-emotion")
+    assert (job["model_hub"]["repo"], job["model_hub"]["commit"]) == ("me/tiny-emotion", COMMIT)
+    vids = pd.read_parquet(output / "videos")
+    assert len(vids) == 2 and vids["error"].isna().all() and set(vids["model"]) == {model_id}
 
 
 def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):
