@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from groupemotion_core.model.classifier import GroupEmotionModel
 
+HUB_PREFIX = "hf-hub:"  # optional before a hub id; it marks one where a path is also possible (--model)
 # What a hub snapshot fetches: the weights and the JSON that describes them, never a pickle.
 HUB_FILES = ("config.json", "preprocessor_config.json", WEIGHTS_NAME)
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -123,7 +124,7 @@ def parse_hub_id(source: str, kind: str) -> tuple[str, str | None]:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    name, pinned, revision = source.removeprefix("hf-hub:").partition("@")
+    name, pinned, revision = source.removeprefix(HUB_PREFIX).partition("@")
     if pinned and not revision:
         raise GroupEmotionError("bad_weights", f"{source}: empty revision after '@'")
     if kind == "vision" and "/" not in name:

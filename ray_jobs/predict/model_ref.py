@@ -39,7 +39,6 @@ from groupemotion_core.schema import CLASSES
 from ray_jobs.inputs import storage
 
 PRESET_PREFIX = "preset:"
-HUB_PREFIX = "hf-hub:"
 PRESET_SEED = 0
 CONFIG_FILE = "config.json"  # written by groupemotion_core.weights.checkpoint.save_checkpoint
 CACHE_ENV = "GROUPEMOTION_MODEL_CACHE"  # where remote checkpoints are cached (default: the temp dir)
@@ -59,7 +58,7 @@ def describe_model_ref(ref: str) -> tuple[ModelConfig, dict[str, Any]]:
     except KeyError as e:
         raise GroupEmotionError("bad_checkpoint", f"{ref}: {CONFIG_FILE} has no {e.args[0]!r}") from None
     info = {"model_id": model_id, "labels": list(meta.get("labels", cfg.labels)), "ref": ref,
-            "pinned_ref": ref if hub is None else f"{HUB_PREFIX}{hub.repo}@{hub.commit}",
+            "pinned_ref": ref if hub is None else f"hf-hub:{hub.repo}@{hub.commit}",
             "hub": None if hub is None else hub.record()}
     _check_labels(ref, info["labels"])
     return cfg, info
@@ -123,11 +122,9 @@ def _preset_info(ref: str, cfg: ModelConfig) -> dict[str, Any]:
 
 def _hub_source(ref: str):
     """The hub snapshot (`pretrained.WeightsSource`) that a `hf-hub:` REF names, or None for another REF."""
-    if not ref.startswith(HUB_PREFIX):
-        return None
-    from groupemotion_core.weights.pretrained import resolve_hub
+    from groupemotion_core.weights.pretrained import HUB_PREFIX, resolve_hub
 
-    return resolve_hub(ref, "checkpoint")
+    return resolve_hub(ref, "checkpoint") if ref.startswith(HUB_PREFIX) else None
 
 
 def _check_labels(ref: str, labels: list[str]) -> None:

@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from groupemotion_core import Labeller
 from groupemotion_core.weights.checkpoint import save_checkpoint
 from groupemotion_core.model.config import preset
 from groupemotion_core.model.classifier import GroupEmotionModel
@@ -184,6 +185,33 @@ def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows
     same = windows.set_index("start_s").loc[picked["start_s"], list(PROB_COLUMNS)].to_numpy()
     np.testing.assert_allclose(picked[list(PROB_COLUMNS)].to_numpy(), same, atol=1e-5)
     assert json.loads((spread / "_job.json").read_text())["window_plan"]["max_windows"] == 4
+
+
+def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, checkpoint, tmp_path):
+    """The same videos and checkpoint through `infer` (Ray, the decode child, batches of windows
+    from several videos) and through `Labeller` (no Ray): the same windows, probabilities, video
+    answer and errors. Overlapping windows (stride 2.5 s) make the video-level weights matter."""
+    ckpt_dir, model_id = checkpoint
+    output = tmp_path / "labels"
+    infer.infer([str(videos)], ckpt_dir, str(output), PredictOptions(**FEW_CPUS), plan=WindowPlan(stride_s=2.5))
+    vids = pads.dataset(output / "videos").to_table().to_pylist()
+    wins = pads.dataset(output / "windows").to_table().to_pylist()
+    labeller = Labeller.load(ckpt_dir, device="cpu")
+
+    assert len(vids) == len(CLIPS) + len(BAD) and sum(v["error"] is not None for v in vids) == len(BAD)
+    assert {v["model"] for v in vids} == {model_id}
+    for video in vids:
+        result = labeller.label(Path(video["key"]), stride_s=2.5)
+        rows = sorted((w for w in wins if w["key"] == video["key"]), key=lambda w: w["window"])
+        assert [(w.index, w.start_s, w.end_s, w.label, w.error) for w in result.windows] == [
+            (r["window"], r["start_s"], r["end_s"], r["label"], r["error"]) for r in rows]
+        assert (result.label, result.error, result.seconds, result.model_id) == (
+            video["label"], video["error"], video["seconds"], video["model"])
+        if result.error is None:
+            np.testing.assert_allclose([[w.probabilities[c] for c in CLASSES] for w in result.windows],
+                                       [[r[c] for c in PROB_COLUMNS] for r in rows], atol=1e-5)
+            np.testing.assert_allclose([result.probabilities[c] for c in CLASSES],
+                                       [video[c] for c in PROB_COLUMNS], atol=1e-5)
 
 
 def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, checkpoint, tmp_path):
