@@ -86,8 +86,8 @@ def _body(model_id: str, run_config: dict[str, Any], metrics: dict[str, Any]) ->
         "",
         "## Use",
         "",
-        "Label videos (every 5 s window, and each video as a whole) into Parquet on a Ray cluster, or on "
-        "this machine:",
+        f"Label videos (every {model['clip_seconds']:g} s window, and each video as a whole) into Parquet "
+        "on a Ray cluster, or on this machine:",
         "",
         "```bash",
         "groupemotion infer VIDEOS... --model hf-hub:OWNER/REPO@REVISION --output OUT",
