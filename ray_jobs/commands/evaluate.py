@@ -49,11 +49,12 @@ from groupemotion_core.media.spec import WindowPlan
 from groupemotion_core.videos import TRUTH, VideoCollector, error_counts, video_row
 from ray_jobs.predict import pipeline
 from ray_jobs.inputs import storage
-from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
+from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pipeline.add_prediction_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
     add_stall_argument(parser)
@@ -61,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
-        metrics = evaluate(args.inputs, args.model, args.report, pipeline.prediction_options(args),
-                           plan=pipeline.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
+        metrics = evaluate(args.inputs, args.model, args.report, prediction_options(args),
+                           plan=window_plan(args), labels_csv=args.labels, verbose=args.verbose,
                            stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)

@@ -50,8 +50,10 @@ import tempfile
 from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.model.config import PRESETS, ModelConfig, preset
 from ray_jobs.inputs import storage
-from ray_jobs.runtime.watchdog import add_stall_argument, exit_in_bounded_time
+from ray_jobs.commands.args import add_stall_argument
+from ray_jobs.runtime.watchdog import exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"  # the Ray Train run name under --output
@@ -74,9 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "decode settings, reads it instead of decoding again")
 
     model = parser.add_argument_group("model").add_mutually_exclusive_group()
-    model.add_argument("--preset", choices=("tiny", "paper"), default="paper",
-                       help="model preset: `paper` (ResNet-101d + HuBERT base) or `tiny` (small "
-                            "encoders for CPU smoke runs) (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, default="paper",
+                       help="model preset: `paper` (ResNet-101d + HuBERT base, the frames averaged "
+                            "before the CNN as the paper's formula), `paper-framewise` (the CNN on "
+                            "every frame, its feature maps averaged: about 8x the vision cost) or "
+                            "`tiny` (small encoders for CPU smoke runs) (default: %(default)s)")
     model.add_argument("--config", metavar="FILE.json",
                        help="a model configuration file (ModelConfig fields) instead of a preset")
     weights = parser.add_argument_group("pretrained encoders (fresh runs only; a resumed run loads its checkpoint)")
@@ -167,8 +171,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _model_config(args: argparse.Namespace):
-    from groupemotion_core.model.config import ModelConfig, preset
-
     if args.config is None:
         return preset(args.preset)
     try:
@@ -231,7 +233,8 @@ def _check_same_model(output: str, run_config: dict[str, Any]) -> None:
     if not storage.exists(path):
         return
     saved = json.loads(storage.read_bytes(path))
-    if saved.get("model") != run_config["model"]:
+    # Through ModelConfig, so a run saved before a field existed compares with that field's default.
+    if ModelConfig.from_dict(saved.get("model", {})).to_dict() != run_config["model"]:
         raise GroupEmotionError("config_mismatch", f"{output} holds a run of another model "
                                 f"configuration (see {path}); use a new --output or the same model")
 

@@ -30,13 +30,12 @@ so both cores decode while the model and the readers fill the gaps.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from groupemotion_core.media.spec import WINDOW_MODES, DecodeSpec, WindowPlan
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, WindowRow
 from groupemotion_core.videos import TRUTH
 
@@ -194,50 +193,3 @@ def video_count(uris: list[str]) -> int | None:
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())
-
-
-# --- command line (the options `infer` and `eval` share) ------------------------------------------
-
-
-def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="tar shards, videos, folders, prefixes, globs, manifests")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint folder or URI, hf-hub:OWNER/REPO[@REVISION] (a checkpoint on the "
-                             "Hugging Face hub), or preset:tiny|paper (random weights)")
-    parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
-                        help="all: windows over the whole video (default); first: one window from 0")
-    parser.add_argument("--stride", type=_positive_float, metavar="S",
-                        help="seconds between window starts (default: the model's clip length)")
-    parser.add_argument("--max-windows", type=_positive_int, metavar="K",
-                        help="at most K windows per video, spread evenly over it")
-    parser.add_argument("--batch-size", type=_positive_int, default=PredictOptions.batch_size,
-                        help="windows per model call")
-    parser.add_argument("--actors", type=_positive_int, help="model actors (default: one per GPU, or 1 without GPUs)")
-    parser.add_argument("--gpus-per-actor", type=float,
-                        help="GPUs per model actor (default: 1 with GPUs, else 0 = CPU)")
-    parser.add_argument("--decode-cpus", type=_positive_int,
-                        help="one-CPU decode actors (default: every CPU the model actors and readers leave)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log output on the console")
-
-
-def prediction_options(args: argparse.Namespace) -> PredictOptions:
-    return PredictOptions(args.batch_size, args.actors, args.gpus_per_actor, args.decode_cpus)
-
-
-def window_plan(args: argparse.Namespace) -> WindowPlan:
-    return WindowPlan(args.windows, args.stride, args.max_windows)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value

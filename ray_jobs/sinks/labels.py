@@ -1,28 +1,17 @@
 """Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
-input unit, committed when the unit is complete, in whatever order units complete.
+input unit (one tar shard, or a group of up to OBJECTS_PER_UNIT plain video objects), committed
+when the unit is complete, in whatever order units complete. How a unit is known complete in a
+stream of no order, how a unit a store failure touched is left for a rerun
+(`Summary.units_left`), and the fault-injection kill (GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N) are
+`ray_jobs.sinks.units`, which the clip cache shares; the driver holds the rows of the units in
+flight only.
 
-The unit of work is an input unit: one tar shard, or a group of up to OBJECTS_PER_UNIT plain video
-objects. A unit is complete when its known number of videos is complete, and a video when all its
-windows have a row (or its one whole-video error row has come). A group of objects knows its size
-from the listing; a shard's size is known to its reader only, which ends the shard with a marker
-row that counts its videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one
-slow video holds back only its own unit, and the driver holds the rows of the units in flight.
-
-The stream is placed, and each unit committed once, by `ray_jobs.sinks.units` (which the clip
-cache shares). A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is
-written in one atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
+A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
+atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
 `videos/` file marks the unit done; its Parquet metadata lists the unit's inputs under
 `groupemotion.inputs`, and a job starts by reading those lists to plan only what no unit holds
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
-
-A unit with a row that failed on the object store (`storage.is_storage_failure`: the reader could
-not read a shard or an object after the retries) is not committed: its rows are dropped and the
-unit counts as left for a rerun (`Summary.units_left`), which tries it again. The failure was the
-store's, not the video's, so writing the error as the video's answer would lose the video.
-
-Fault injection, for tests and drills: GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N kills the job
-process with SIGKILL right after its N-th commit, like a node loss between two commits.
 """
 
 from __future__ import annotations
@@ -57,7 +46,7 @@ class Unit:
     """One unit of work: a tar shard, or a group of plain video objects."""
 
     inputs: tuple[str, ...]
-    videos: int | None  # None for a shard until its reader's count arrives
+    videos: int | None  # None for a shard: its reader's count comes in the stream
 
     @property
     def name(self) -> str:

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,6 @@ import pytest
 import torch
 
 from groupemotion_core import Labeller
-from groupemotion_core.weights.checkpoint import save_checkpoint
-from groupemotion_core.model.config import preset
-from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
@@ -61,21 +57,8 @@ def videos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[str, str]:
-    """A tiny model saved by the core: (directory, model_id)."""
-    directory = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model_id = save_checkpoint(GroupEmotionModel(preset("tiny")), directory)
-    return str(directory), model_id
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    import boto3
-
-    name = f"infer-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+def bucket(make_bucket) -> str:
+    return make_bucket()
 
 
 def _read(output: str, folder: str) -> pd.DataFrame:
@@ -91,9 +74,9 @@ def _etags(uris: list[str]) -> dict[str, str]:
 
 
 def test_shards_and_objects_on_s3_give_every_window_and_video_once_then_rerun_and_overwrite(
-    ray_session, videos, checkpoint, bucket
+    ray_session, videos, tiny_checkpoint, bucket
 ):
-    ckpt_dir, model_id = checkpoint
+    ckpt_dir, model_id = tiny_checkpoint
     model_uri = f"{bucket}/models/tiny"
     storage.upload_dir(ckpt_dir, model_uri)
     manifest = pack(str(videos), f"{bucket}/shards", shard_size=4)
@@ -156,9 +139,9 @@ def test_shards_and_objects_on_s3_give_every_window_and_video_once_then_rerun_an
 
 
 def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows_spreads_them(
-    ray_session, checkpoint, tmp_path
+    ray_session, tiny_checkpoint, tmp_path
 ):
-    ckpt_dir, _ = checkpoint
+    ckpt_dir, _ = tiny_checkpoint
     render_clip(SyntheticClip(label="Positive", seconds=47.0, seed=5, **SMALL), tmp_path / "long.mp4")
     every, spread = tmp_path / "every", tmp_path / "spread"
 
@@ -187,11 +170,11 @@ def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows
     assert json.loads((spread / "_job.json").read_text())["window_plan"]["max_windows"] == 4
 
 
-def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, checkpoint, tmp_path):
+def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, tiny_checkpoint, tmp_path):
     """The same videos and checkpoint through `infer` (Ray, the decode child, batches of windows
     from several videos) and through `Labeller` (no Ray): the same windows, probabilities, video
     answer and errors. Overlapping windows (stride 2.5 s) make the video-level weights matter."""
-    ckpt_dir, model_id = checkpoint
+    ckpt_dir, model_id = tiny_checkpoint
     output = tmp_path / "labels"
     infer.infer([str(videos)], ckpt_dir, str(output), PredictOptions(**FEW_CPUS), plan=WindowPlan(stride_s=2.5))
     vids = pads.dataset(output / "videos").to_table().to_pylist()
@@ -214,8 +197,9 @@ def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, checkp
                                        [video[c] for c in PROB_COLUMNS], atol=1e-5)
 
 
-def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, checkpoint, tmp_path):
-    ckpt_dir, _ = checkpoint
+@pytest.mark.slow
+def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, tiny_checkpoint, tmp_path):
+    ckpt_dir, _ = tiny_checkpoint
     shards = tmp_path / "shards"
     pack(str(videos), str(shards), shard_size=2)
     (shards / "manifest.json").unlink()  # foreign shards: only their readers can count them
@@ -248,10 +232,11 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))
 
 
-def test_a_checkpoint_on_the_hub_labels_offline_and_the_job_names_its_commit(videos, checkpoint, hub_cache, tmp_path):
+@pytest.mark.slow
+def test_a_checkpoint_on_the_hub_labels_offline_and_the_job_names_its_commit(videos, tiny_checkpoint, hub_cache, tmp_path):
     """The folder `train` exports, uploaded as it is, then found in the HF cache by the real
     command with HF_HUB_OFFLINE=1: on its own local Ray, whose model actor resolves it too."""
-    ckpt_dir, model_id = checkpoint
+    ckpt_dir, model_id = tiny_checkpoint
     shutil.copytree(ckpt_dir, cached_snapshot(hub_cache, "me/tiny-emotion", "main"), dirs_exist_ok=True)
     output = tmp_path / "labels"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -277,7 +262,7 @@ def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):
     assert PredictOptions(actors=2, gpus_per_actor=0.0).resolved().decode_cpus == 1
 
 
-def test_user_mistakes_exit_2_with_a_reason(videos, checkpoint, tmp_path, capsys):
+def test_user_mistakes_exit_2_with_a_reason(videos, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["infer", str(videos), "--model", str(tmp_path / "nothing"), "--output", str(out)]) == 2
     assert "error: bad_checkpoint:" in capsys.readouterr().err
@@ -286,19 +271,19 @@ def test_user_mistakes_exit_2_with_a_reason(videos, checkpoint, tmp_path, capsys
 
     out.mkdir()
     (out / infer.JOB_FILE).write_text(json.dumps({"model_id": "someone-else"}))
-    assert main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out)]) == 2
+    assert main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out)]) == 2
     assert "error: output_in_use:" in capsys.readouterr().err
     plan = {"mode": "all", "stride_s": None, "max_windows": None}
-    (out / infer.JOB_FILE).write_text(json.dumps({"model_id": checkpoint[1], "window_plan": plan}))
-    assert main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out), "--max-windows", "3"]) == 2
+    (out / infer.JOB_FILE).write_text(json.dumps({"model_id": tiny_checkpoint[1], "window_plan": plan}))
+    assert main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out), "--max-windows", "3"]) == 2
     err = capsys.readouterr().err
     assert "error: output_in_use:" in err and "'max_windows': 3" in err
     with pytest.raises(SystemExit):
-        main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out), "--stride", "0"])
+        main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out), "--stride", "0"])
 
 
-def test_model_refs_name_their_weights(checkpoint, bucket, capsys):
-    ckpt_dir, model_id = checkpoint
+def test_model_refs_name_their_weights(tiny_checkpoint, bucket, capsys):
+    ckpt_dir, model_id = tiny_checkpoint
     storage.upload_dir(ckpt_dir, f"{bucket}/refs/tiny")
     local, info = load_model_ref(ckpt_dir)
     remote, remote_info = load_model_ref(f"{bucket}/refs/tiny")
