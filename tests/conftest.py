@@ -122,6 +122,21 @@ def ray_session(s3_server):
 
 
 @pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline, for this process and the processes it starts
+    (fill it with tests/hub.py's cached_snapshot)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
 def make_clip(tmp_path: Path):
     """Render a generated clip to a file and return its path: make_clip("a.mp4", label=..., ...)."""
 

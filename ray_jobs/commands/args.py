@@ -50,7 +50,8 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="tar shards, videos, folders, prefixes, globs, manifests")
     parser.add_argument("--model", required=True,
-                        help="checkpoint folder or URI, or preset:tiny|paper (random weights)")
+                        help="checkpoint folder or URI, hf-hub:OWNER/REPO[@REVISION] (a checkpoint on the "
+                             "Hugging Face hub), or preset:tiny|paper (random weights)")
     add_window_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=PredictOptions.batch_size,
                         help="windows per model call")

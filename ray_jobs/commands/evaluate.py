@@ -17,7 +17,7 @@ DIR (a local folder) receives:
 
     metrics.json          `groupemotion_core.model.training.classification_metrics` over the videos with
                           a known label and at least one labelled window, plus precision/F1 per
-                          class, the model id, the data, the window plan, and how many videos were
+                          class, the model id (and for a hub model its commit), the data, the window plan, and how many videos were
                           unlabelled or failed (errors by reason; failed windows apart)
     confusion_matrix.png  as the paper's Fig. 2: counts and row-normalised percentages, true class
                           on the rows, predicted class on the columns
@@ -94,7 +94,7 @@ def evaluate(
         warn_random_weights(model_ref)
     uris = list_inputs(data)
     ensure_ray(verbose=verbose)
-    predictions = pipeline.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
+    predictions = pipeline.predict(uris, info["pinned_ref"], cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
 
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()
@@ -138,6 +138,7 @@ def evaluate(
         per_class=per_class(confusion),
         model_id=info["model_id"],
         model_ref=model_ref,
+        model_hub=info["hub"],
         data=list(data),
         labels_csv=labels_csv,
         window_plan=asdict(plan),

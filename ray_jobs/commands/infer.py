@@ -5,8 +5,10 @@
                        [--decode-cpus N] [--stall-timeout S] [--overwrite] [--verbose]
 
 INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manifest.json, local or
-s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, or preset:tiny /
-preset:paper for random weights (smoke tests and benchmarks only). The job runs on the Ray
+s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, a checkpoint
+on the Hugging Face hub, hf-hub:OWNER/REPO[@REVISION] (resolved to one commit; offline from the HF
+cache with HF_HUB_OFFLINE=1), or preset:tiny / preset:paper for random weights (smoke tests and
+benchmarks only). The job runs on the Ray
 cluster in RAY_ADDRESS, or on a local Ray it starts when that is unset; `ray job submit -- python
 -m ray_jobs.commands.infer ARGS` runs the same thing on a cluster.
 
@@ -20,7 +22,8 @@ Output (OUTPUT is a local folder or an s3:// prefix):
 
     OUTPUT/windows/part-<16 hex>.parquet  one row per window (`schema.WindowRow`)
     OUTPUT/videos/part-<16 hex>.parquet   one row per input video, failed ones too (`schema.VideoRow`)
-    OUTPUT/_job.json                      the resolved run: model id and config, inputs, window plan,
+    OUTPUT/_job.json                      the resolved run: model id and config (for a hub model, the
+                                          commit and the weights' sha256), inputs, window plan,
                                           options, decode spec
     OUTPUT/_SUCCESS                       written last, holding the summary, once every unit is committed
 
@@ -139,6 +142,7 @@ def infer(
     _write_json(storage.join(output, JOB_FILE), {
         "model_id": info["model_id"],
         "model_ref": model_ref,
+        "model_hub": info["hub"],
         "model_config": cfg.to_dict(),
         "decode_spec": asdict(cfg.decode_spec()),
         "window_plan": asdict(plan),
@@ -154,7 +158,7 @@ def infer(
     )
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note)
-    predictions = predict(todo, model_ref, cfg.decode_spec(), plan, options, shard_ends=True)
+    predictions = predict(todo, info["pinned_ref"], cfg.decode_spec(), plan, options, shard_ends=True)
     try:
         for batch in driver_batches(predictions, stall_timeout_s):
             writer.add(batch)

@@ -11,7 +11,9 @@ What lands under --output (a local folder or s3://bucket/prefix):
   metrics.jsonl     one JSON line of metrics per finished epoch
   checkpoints/      the Ray Train run: epoch_NNNN/ (model, optimizer, epoch; safetensors + JSON)
   best/             the best epoch by validation accuracy in the core's checkpoint format,
-                    ready for `groupemotion infer` and `groupemotion eval`
+                    ready for `groupemotion infer` and `groupemotion eval`, with a model card
+                    (README.md: the paper, data, config, validation scores) so that the folder
+                    can be uploaded to the Hugging Face hub as it is (`--model hf-hub:...`)
 
 Decode once: with --cache URI (local or s3://) each split is decoded once into a cache of decoded
 clips (`ray_jobs.train.clip_cache`: JPEG frames at most a quarter of their raw size, 16-bit audio)
@@ -151,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         datasets = _datasets(args, cfg)
         result = _fit(args, run_config, datasets)
-    _export_best(result, args.output)
+    _export_best(result, args.output, run_config)
     return 0
 
 
@@ -351,9 +353,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_func_per_worker(config)
 
 
-def _export_best(result, output: str) -> None:
-    """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format."""
+def _export_best(result, output: str, run_config: dict[str, Any]) -> None:
+    """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format, with
+    its model card (`groupemotion_core.weights.model_card`): a folder to upload to the hub as it is."""
     from groupemotion_core.weights.checkpoint import export_checkpoint
+    from groupemotion_core.weights.model_card import write_model_card
 
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "val_accuracy" in m]
     if not scored:
@@ -362,6 +366,7 @@ def _export_best(result, output: str) -> None:
     with checkpoint.as_directory() as source, tempfile.TemporaryDirectory(prefix="groupemotion-best-") as directory:
         model_id = export_checkpoint(source, directory, epoch=metrics["epoch"], val_accuracy=metrics["val_accuracy"],
                                      val_macro_f1=metrics["val_macro_f1"])
+        write_model_card(directory, run_config, metrics)
         storage.upload_dir(directory, storage.join(output, BEST))
     print(f"[train] best epoch {metrics['epoch']}: val_accuracy={metrics['val_accuracy']:.4f} "
           f"val_macro_f1={metrics['val_macro_f1']:.4f}; exported to {storage.join(output, BEST)} "

@@ -83,25 +83,18 @@ class Predictor:
 
         from ray_jobs.predict.model_ref import load_model_ref
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model_ref(model_ref, warn=False)[0].to(self.device)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_model_ref(model_ref, warn=False)[0].to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         # An all-null string column can reach numpy as floats (NaN), so "is an error" is "is a str".
         errors = np.array([e if isinstance(e, str) else None for e in batch[ClipRow.ERROR]], dtype=object)
         windows = np.asarray(batch[ClipRow.WINDOW])
         ok = np.array([e is None for e in errors], dtype=bool) & ClipRow.is_window(windows)
         probs = np.full((len(errors), len(CLASSES)), np.nan, dtype=np.float32)
         if ok.any():
-            frames = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.FRAMES][ok])).to(self.device)
-            audio = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.AUDIO][ok])).to(self.device)
-            audio_len = torch.from_numpy(batch[ClipRow.AUDIO_LEN][ok].astype(np.int64)).to(self.device)
-            on_gpu = self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=on_gpu):
-                logits = self.model(frames, audio, audio_len)
-            probs[ok] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            probs[ok] = self.model.probabilities(batch[ClipRow.FRAMES][ok], batch[ClipRow.AUDIO][ok],
+                                                 batch[ClipRow.AUDIO_LEN][ok])
         names = np.array(CLASSES, dtype=object)[np.argmax(np.nan_to_num(probs, nan=0.0), axis=1)]
         passed = (ClipRow.KEY, ClipRow.WINDOW, ClipRow.WINDOWS, ClipRow.START_S, ClipRow.END_S)
         out = {name: batch[name] for name in passed}

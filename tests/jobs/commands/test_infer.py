@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from groupemotion_core import Labeller
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
@@ -32,6 +33,7 @@ from ray_jobs.cli import main
 from ray_jobs.predict.model_ref import describe_model_ref, load_model_ref
 from ray_jobs.commands.pack import pack
 from ray_jobs.predict.pipeline import PredictOptions
+from tests.hub import COMMIT, cached_snapshot
 
 # name -> (class folder, has audio, seconds); plus two files that are not decodable videos.
 # The tiny model's windows are 5 s: the 7 s clips have two windows (5 s and 2 s).
@@ -168,6 +170,33 @@ def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows
     assert json.loads((spread / "_job.json").read_text())["window_plan"]["max_windows"] == 4
 
 
+def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, tiny_checkpoint, tmp_path):
+    """The same videos and checkpoint through `infer` (Ray, the decode child, batches of windows
+    from several videos) and through `Labeller` (no Ray): the same windows, probabilities, video
+    answer and errors. Overlapping windows (stride 2.5 s) make the video-level weights matter."""
+    ckpt_dir, model_id = tiny_checkpoint
+    output = tmp_path / "labels"
+    infer.infer([str(videos)], ckpt_dir, str(output), PredictOptions(**FEW_CPUS), plan=WindowPlan(stride_s=2.5))
+    vids = pads.dataset(output / "videos").to_table().to_pylist()
+    wins = pads.dataset(output / "windows").to_table().to_pylist()
+    labeller = Labeller.load(ckpt_dir, device="cpu")
+
+    assert len(vids) == len(CLIPS) + len(BAD) and sum(v["error"] is not None for v in vids) == len(BAD)
+    assert {v["model"] for v in vids} == {model_id}
+    for video in vids:
+        result = labeller.label(Path(video["key"]), stride_s=2.5)
+        rows = sorted((w for w in wins if w["key"] == video["key"]), key=lambda w: w["window"])
+        assert [(w.index, w.start_s, w.end_s, w.label, w.error) for w in result.windows] == [
+            (r["window"], r["start_s"], r["end_s"], r["label"], r["error"]) for r in rows]
+        assert (result.label, result.error, result.seconds, result.model_id) == (
+            video["label"], video["error"], video["seconds"], video["model"])
+        if result.error is None:
+            np.testing.assert_allclose([[w.probabilities[c] for c in CLASSES] for w in result.windows],
+                                       [[r[c] for c in PROB_COLUMNS] for r in rows], atol=1e-5)
+            np.testing.assert_allclose([result.probabilities[c] for c in CLASSES],
+                                       [video[c] for c in PROB_COLUMNS], atol=1e-5)
+
+
 @pytest.mark.slow
 def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, tiny_checkpoint, tmp_path):
     ckpt_dir, _ = tiny_checkpoint
@@ -201,6 +230,26 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     done = json.loads((output / infer.SUCCESS_FILE).read_text())
     assert (done["units_skipped"], done["units_committed"]) == (1, 4)
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_on_the_hub_labels_offline_and_the_job_names_its_commit(videos, tiny_checkpoint, hub_cache, tmp_path):
+    """The folder `train` exports, uploaded as it is, then found in the HF cache by the real
+    command with HF_HUB_OFFLINE=1: on its own local Ray, whose model actor resolves it too."""
+    ckpt_dir, model_id = tiny_checkpoint
+    shutil.copytree(ckpt_dir, cached_snapshot(hub_cache, "me/tiny-emotion", "main"), dirs_exist_ok=True)
+    output = tmp_path / "labels"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "infer", str(videos / "Positive"), "--model",
+                           "hf-hub:me/tiny-emotion", "--output", str(output), "--actors", "1", "--decode-cpus", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((output / infer.JOB_FILE).read_text())
+    assert (job["model_id"], job["model_ref"]) == (model_id, "hf-hub:me/tiny-emotion")
+    assert (job["model_hub"]["repo"], job["model_hub"]["commit"]) == ("me/tiny-emotion", COMMIT)
+    vids = pd.read_parquet(output / "videos")
+    assert len(vids) == 2 and vids["error"].isna().all() and set(vids["model"]) == {model_id}
 
 
 def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):

@@ -127,6 +127,29 @@ def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_exported_folder_carries_a_model_card_the_hub_reads(s3_run, data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
+    fs.get(f"{root}/best/", str(tmp_path / "best"), recursive=True)
+    info = json.loads((tmp_path / "best" / "config.json").read_text())
+    [best] = [m for m in metrics_lines(fs, f"{root}/metrics.jsonl") if m["epoch"] == info["epoch"]]
+
+    card = ModelCard.load(tmp_path / "best" / "README.md")  # the hub's own parser of the YAML header
+    scores = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert scores == {"accuracy": round(best["val_accuracy"], 4), "f1": round(best["val_macro_f1"], 4)}
+    assert {r.dataset_split for r in card.data.eval_results} == {"validation"}
+    assert card.data.base_model is None  # the run started from random encoders
+    text = card.text
+    assert f"`{info['model_id']}`" in text and f"epoch, {info['epoch']} of {EPOCHS}," in text
+    assert f"training data: `{data['train']}`" in text and f"validation data: `{data['val']}`" in text
+    assert "arXiv:2111.05890" in text and json.dumps(info["model"], indent=2, sort_keys=True) in text
+    confusion_rows = [f"| {name} | " + " | ".join(map(str, row)) + " |"
+                      for name, row in zip(CLASSES, best["val_confusion"])]
+    assert all(row in text for row in confusion_rows)
+
+
+@pytest.mark.slow
 def test_a_resumed_run_fills_the_cache_and_a_later_run_reads_it_through_a_worker_death(
     s3_run, data, tmp_path: Path, capsys
 ):
