@@ -10,7 +10,7 @@ not: the page shows the units committed so far. DIR (a local folder) receives:
     confidence.png    per class, a histogram of the confidence of the videos given that label
     timelines.png     the N longest videos window by window: each window's three class
                       probabilities across its time span (absent when every video is one window)
-    contact-<class>.png  the K most confident videos of each class: the frames of each one's most
+    contact-<class>.jpg  the K most confident videos of each class: the frames of each one's most
                       confident window, decoded again from the inputs with the run's settings
     report.json       the same figures for a program: counts, histograms, errors, videos shown
 
@@ -50,6 +50,9 @@ def report(output: str, out_dir: str, *, top: int = 4, timelines: int = 6, examp
            "success": _read_json(storage.join(output, labels.SUCCESS_FILE))}
     result = scan(output, top=top, timelines=timelines, examples=examples, on_rows=on_rows)
     os.makedirs(out_dir, exist_ok=True)
+    for name in ("timelines.png", *(_contact_name(c) for c in CLASSES)):  # an earlier report's, maybe not drawn now
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     pictures = {"labels": "labels.png", "confidence": "confidence.png"}
     figures.label_counts(result, os.path.join(out_dir, pictures["labels"]))
     figures.confidence_histograms(result, os.path.join(out_dir, pictures["confidence"]))
@@ -80,12 +83,16 @@ def _contact_sheets(result: Scan, run: dict, out_dir: str, pictures: dict[str, s
                     "frames": decoded[key]} for confidence, key in result.most_confident.get(cls, [])]
         if not entries:
             continue
-        name = f"contact-{cls.lower()}.png"
+        name = _contact_name(cls)
         figures.contact_sheet(cls, entries, os.path.join(out_dir, name), spec.frame_size)
         pictures[f"contact:{cls}"] = name
         shown[cls] = [{"key": e["key"], "confidence": e["confidence"], "window": e["window"],
                        "error": e["frames"] if isinstance(e["frames"], str) else None} for e in entries]
     return shown
+
+
+def _contact_name(cls: str) -> str:
+    return f"contact-{cls.lower()}.jpg"
 
 
 def _read_json(uri: str) -> dict | None:

@@ -20,6 +20,8 @@ DPI = 100
 KEY_CHARS = 80
 EDGED_WINDOWS = 120  # up to this many windows in a strip, a thin line shows where each one ends
 FRAME_GAP = 4  # pixels between two frames on a contact sheet
+TITLE_PIXELS = 20  # the line above each row of a contact sheet
+JPEG_QUALITY = 88
 
 
 def short(key: str, chars: int = KEY_CHARS) -> str:
@@ -80,8 +82,10 @@ def confidence_histograms(scan: Scan, path: str) -> None:
 
 
 def timelines(scan: Scan, path: str) -> None:
-    """Each window of a few long videos as a bar across its time span, its height split into the
-    three class probabilities; a failed window is hatched."""
+    """Each window of a few long videos as a box across its time span, its height split into the
+    three class probabilities; a failed window is hatched. The boxes of a video are one
+    PolyCollection, not a bar each: a long video has hundreds of windows."""
+    from matplotlib.collections import PolyCollection
     from matplotlib.patches import Patch
 
     plt = _pyplot()
@@ -91,19 +95,19 @@ def timelines(scan: Scan, path: str) -> None:
     for ax, key in zip(axes[:, 0], keys):
         rows = [r for r in scan.timelines.get(key, []) if math.isfinite(r[WindowRow.START_S])]
         start = np.array([r[WindowRow.START_S] for r in rows], dtype=np.float64)
-        width = np.array([r[WindowRow.END_S] - r[WindowRow.START_S] for r in rows], dtype=np.float64)
+        end = np.array([r[WindowRow.END_S] for r in rows], dtype=np.float64)
         failed = np.array([r[WindowRow.ERROR] is not None for r in rows], dtype=bool)
-        bottom = np.zeros(len(rows))
-        for cls, column in zip(CLASSES, PROB_COLUMNS):
-            height = np.array([r[column] or 0.0 for r in rows], dtype=np.float64)
-            ax.bar(start, height, width, bottom, align="edge", color=COLOURS[cls], edgecolor="white",
-                   linewidth=0.6 if len(rows) <= EDGED_WINDOWS else 0)
-            bottom += height
+        probs = np.array([[r[c] or 0.0 for c in PROB_COLUMNS] for r in rows], dtype=np.float64).reshape(-1, 3)
+        top = np.cumsum(probs, axis=1)
+        boxes = np.concatenate([_boxes(start, end, top[:, i] - probs[:, i], top[:, i]) for i in range(len(CLASSES))])
+        colours = np.repeat([COLOURS[c] for c in CLASSES], len(rows))
+        ax.add_collection(PolyCollection(boxes, facecolors=colours, edgecolors="white",
+                                         linewidths=0.6 if len(rows) <= EDGED_WINDOWS else 0))
         if failed.any():
-            ax.bar(start[failed], 1.0, width[failed], align="edge", color="white", hatch="///",
-                   edgecolor=FAILED_COLOUR, linewidth=0)
+            ax.add_collection(PolyCollection(_boxes(start[failed], end[failed], 0.0, 1.0), facecolors="white",
+                                             edgecolors=FAILED_COLOUR, hatch="///", linewidths=0))
         ax.set_ylim(0, 1)
-        ax.set_xlim(0, float((start + width).max()) if rows else 1.0)
+        ax.set_xlim(0, float(end.max()) if rows else 1.0)
         ax.set_yticks([])
         ax.set_title(f"{short(key)}: {scan.video_labels.get(key) or 'failed'}", loc="left", fontsize=9,
                      parse_math=False)
@@ -114,27 +118,39 @@ def timelines(scan: Scan, path: str) -> None:
     _save(fig, path)
 
 
+def _boxes(x0: np.ndarray, x1: np.ndarray, y0, y1) -> np.ndarray:
+    """Rectangles [N, 4, 2] from their left and right edges and bottoms and tops."""
+    y0, y1 = np.broadcast_to(y0, x0.shape), np.broadcast_to(y1, x0.shape)
+    return np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x1, y1], -1),
+                     np.stack([x0, y1], -1)], axis=1)
+
+
 def contact_sheet(cls: str, entries: list[dict], path: str, frame_size: int) -> None:
     """One row per video (`entries`: key, confidence, window, frames or the reason there are none):
-    the frames of its most confident window, side by side."""
+    the frames of its most confident window side by side, under a line that names it. Frames are
+    placed at their own pixel size (no layout engine to solve) and saved as JPEG, as photographs
+    are: a PNG of them takes several times as long to encode."""
     plt = _pyplot()
-    frames_per_row = max((len(e["frames"]) for e in entries if not isinstance(e["frames"], str)), default=8)
-    fig, axes = plt.subplots(len(entries), 1, figsize=(frames_per_row * (frame_size + FRAME_GAP) / DPI,
-                                                        len(entries) * (frame_size / DPI + 0.4)),
-                             layout="constrained", squeeze=False)
-    for ax, entry in zip(axes[:, 0], entries):
-        frames = entry["frames"]
+    count = max((len(e["frames"]) for e in entries if not isinstance(e["frames"], str)), default=8)
+    width = count * (frame_size + FRAME_GAP) - FRAME_GAP
+    row = TITLE_PIXELS + frame_size + FRAME_GAP * 2
+    fig = plt.figure(figsize=(width / DPI, len(entries) * row / DPI), dpi=DPI)
+    for i, entry in enumerate(entries):
+        top = 1.0 - i * row / (len(entries) * row)
+        ax = fig.add_axes((0.0, top - (TITLE_PIXELS + frame_size) / (len(entries) * row), 1.0,
+                           frame_size / (len(entries) * row)))
         ax.set_axis_off()
+        frames = entry["frames"]
         if isinstance(frames, str):
-            width = frames_per_row * (frame_size + FRAME_GAP) - FRAME_GAP
-            ax.imshow(np.full((frame_size, width, 3), 225, np.uint8))
-            ax.text(width / 2, frame_size / 2, f"no frames: {frames}", ha="center",
-                    va="center", wrap=True, fontsize=9, parse_math=False)
+            ax.imshow(np.full((frame_size, width, 3), 225, np.uint8), aspect="auto")
+            ax.text(width / 2, frame_size / 2, f"no frames: {frames}", ha="center", va="center", wrap=True,
+                    fontsize=9, parse_math=False)
         else:
             gap = np.full((frame_size, FRAME_GAP, 3), 255, np.uint8)
-            ax.imshow(np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1))
+            ax.imshow(np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1), aspect="auto")
         window = entry["window"]
         where = f", window {window['window']} ({window['start_s']:.1f}-{window['end_s']:.1f} s)" if window else ""
-        ax.set_title(f"{short(entry['key'])}: {cls} {entry['confidence']:.3f}{where}", loc="left", fontsize=9,
-                     parse_math=False)
-    _save(fig, path)
+        fig.text(2 / width, top - 4 / (len(entries) * row), f"{short(entry['key'])}: {cls} {entry['confidence']:.3f}{where}",
+                 va="top", fontsize=9, parse_math=False)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"quality": JPEG_QUALITY})
+    plt.close(fig)

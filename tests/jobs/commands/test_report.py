@@ -143,7 +143,7 @@ def test_report_counts_every_video_and_window_and_shows_the_most_confident_and_l
     assert sheets[str(files / "Negative" / "n1.mp4")]["window"]["window"] == 0  # its more Negative window
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "index.html", "report.json", "labels.png", "confidence.png", "timelines.png",
-        "contact-negative.png", "contact-neutral.png", "contact-positive.png"])
+        "contact-negative.jpg", "contact-neutral.jpg", "contact-positive.jpg"])
     assert json.loads((out / "report.json").read_text())["labels"] == got["labels"]
     page = (out / "index.html").read_text()
     assert "campaign" not in page and html.escape(str(files / "bad.mp4")) in page and MODEL in page
@@ -234,7 +234,7 @@ def test_the_page_of_a_real_run_loads_every_picture_in_a_browser(inferred, tmp_p
 
     images = _images_in_chromium(out / "index.html", tmp_path / "chromium")
     expected = ["labels.png", "confidence.png", "timelines.png",
-                *(f"contact-{c.lower()}.png" for c in CLASSES if c in got["labels"])]
+                *(f"contact-{c.lower()}.jpg" for c in CLASSES if c in got["labels"])]
     assert [i["src"] for i in images] == expected
     assert all(i["width"] > 0 and i["height"] > 0 for i in images), images
     # The check sees a picture that does not load.
