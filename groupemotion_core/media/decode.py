@@ -19,6 +19,14 @@ its audio comes from a read of the audio track that always starts at time 0 (an 
 never starts clean: see `_fill`), resampled by a resampler of its own. Reading from time 0 opens
 the input afresh rather than seeking back: some containers (FLV) cannot.
 
+Most frames are never shown in a window (8 of 150 in a 5 s window at 30 fps), and web encoders
+make many of them non-reference B-frames that no other frame is predicted from: FFmpeg can drop
+those before decoding them (skip_frame NONREF), a third to a half of the decoding. The packets'
+presentation times, read before decoding, say which frame is on screen at each target time; the
+decoder is told per packet to decode those in full and may drop the others (`_Drops`). Where the
+times cannot be trusted to say that (`_Timeline`), every frame is decoded, so a window is always
+the one a decode of every frame gives.
+
 Pictures are shown as a player shows them: the display matrix's rotation applied (a phone video
 stored sideways comes out upright), then the display aspect ratio kept (letterbox).
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from array import array
 import io
 import os
 from collections import deque
@@ -68,6 +77,12 @@ _SIGNATURES = (
     (0, b"\x30\x26\xb2\x75", "asf"),
     (0, b"\x00\x00\x01\xba", "mpeg"),
 )
+
+# Video decoders that, told to skip non-reference frames (skip_frame NONREF), drop exactly the
+# frames no other frame is predicted from, and give every frame the pts of its own packet: H.264,
+# HEVC and MPEG-1/2 non-reference pictures and VP8/VP9 frames that refresh no reference. Others
+# decode everything (MPEG-4 part 2 may pack two frames in one packet, WMV's times are guesses).
+_DROPPING_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "vp8", "vp9"})
 
 # What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
 _FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, UnicodeDecodeError)
@@ -115,8 +130,9 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     source = _replayable(source, spec)
     start = float(start)
     try:
-        length = _window_length(source, spec, start)
-        clip = next(_fill(source, spec, [(start, length)]))
+        length, timeline = _window_length(source, spec, start)
+        drops = timeline.drops(_targets(start, length, spec), complete=False)
+        clip = next(_fill(source, spec, [(start, length)], drops=drops))
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     if isinstance(clip, DecodeError):
@@ -152,11 +168,13 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         return
     try:
         with _open_container(source, spec) as container:
-            video_end, keyframes = _survey(container, spec)
+            video_end, keyframes, timeline = _survey(container, spec)
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     windows = plan_windows(video_end, spec.clip_seconds, plan)
-    with contextlib.closing(_fill(source, spec, [(start, end - start) for start, end in windows], keyframes)) as clips:
+    spans = [(start, end - start) for start, end in windows]
+    drops = timeline.drops(np.concatenate([_targets(*span, spec) for span in spans]), complete=True)
+    with contextlib.closing(_fill(source, spec, spans, keyframes, drops)) as clips:
         for index, (start, end) in enumerate(windows):
             try:
                 clip = next(clips)
@@ -179,23 +197,26 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
-def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
-    """(seconds from the first frame to the end of the last one, the keyframes' times)."""
+def _survey(container, spec: DecodeSpec) -> tuple[float, list[float], _Timeline]:
+    """(seconds from the first frame to the end of the last one, the keyframes' times, the
+    timeline of every video packet)."""
     video = _video_stream(container, spec)
     end, keyframes, tb = None, [], float(video.time_base)
+    timeline = _Timeline(container, video)
     for packet, t in _video_packets(container, video, spec):
+        timeline.add(packet, t)
         if packet.is_keyframe:
             keyframes.append(t)
         shown_until = t + (packet.duration or 0) * tb
         end = shown_until if end is None else max(end, shown_until)
     if end is None or end <= 0:
         raise DecodeError("undecodable", "the video stream has no timed packet")
-    return end, sorted(keyframes)
+    return end, sorted(keyframes), timeline
 
 
-def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
-    """Seconds of the window from `start` that the video covers: clip_seconds, or less where the
-    video ends inside it."""
+def _window_length(source: Source, spec: DecodeSpec, start: float) -> tuple[float, _Timeline]:
+    """Seconds of the window from `start` that the video covers (clip_seconds, or less where the
+    video ends inside it), and the timeline of the packets read to find out."""
     with _open_container(source, spec) as container:
         video = _video_stream(container, spec)
         if start > 0:
@@ -209,10 +230,12 @@ def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
         return _covered(container, _video_stream(container, spec), start, spec)
 
 
-def _covered(container, video, start: float, spec: DecodeSpec) -> float:
+def _covered(container, video, start: float, spec: DecodeSpec) -> tuple[float, _Timeline]:
     end = start + spec.clip_seconds
     video_end, tb, origin = None, float(video.time_base), _origin(video)
+    timeline = _Timeline(container, video)
     for packet, t in _video_packets(container, video, spec):
+        timeline.add(packet, t)
         # A frame at or after the end fills the window, whatever the packet durations say
         # (MPEG-TS leaves them 0); before it, a frame is on screen until its duration ends.
         shown_until = end if t >= end else t + (packet.duration or 0) * tb
@@ -223,7 +246,7 @@ def _covered(container, video, start: float, spec: DecodeSpec) -> float:
             break
     if video_end is None:
         raise DecodeError("undecodable", f"no video frame in the window [{start:g}, {end:g}) s")
-    return min(end, video_end) - start
+    return min(end, video_end) - start, timeline
 
 
 def _video_packets(container, video, spec: DecodeSpec):
@@ -239,7 +262,8 @@ def _video_packets(container, video, spec: DecodeSpec):
             yield packet, t
 
 
-def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None):
+def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None,
+          drops: _Drops | None = None):
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
@@ -249,7 +273,7 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     get the same samples however it was reached is to decode the audio from time 0, which costs
     little next to the video. FFmpegErrors raise as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
+    with contextlib.closing(_pictures(source, spec, windows, keyframes, drops)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
@@ -262,7 +286,8 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             yield DecodedClip(frames, audio, audio_len, times, float(length))
 
 
-def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None):
+def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
+              drops: _Drops | None):
     """Each window's (frames, frame_times), or its DecodeError, in order, read forward.
 
     A window opens when the read reaches its start, with the frame on screen then, and is given
@@ -277,7 +302,7 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     may_seek = True
     while following < len(windows):
         with _open_container(source, spec) as container:
-            video = _VideoReader(container, spec)
+            video = _VideoReader(container, spec, drops)
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
                 sought = None
@@ -319,8 +344,8 @@ class _VideoReader:
     """The video stream of one opened container, decoded forward from time 0 or from a seek,
     every frame timed in seconds from the video's first frame."""
 
-    def __init__(self, container, spec: DecodeSpec):
-        self.container, self.spec = container, spec
+    def __init__(self, container, spec: DecodeSpec, drops: _Drops | None):
+        self.container, self.spec, self.drops = container, spec, drops
         self.stream = _video_stream(container, spec)
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = spec.threads
@@ -349,12 +374,17 @@ class _VideoReader:
         self._restart(t)
 
     def frames(self):
-        """(frame, seconds) for each frame decoded from here on, damaged packets skipped."""
+        """(frame, seconds) for each frame decoded from here on, damaged packets skipped, and
+        the frames `drops` allows left to FFmpeg to drop."""
+        codec, dropping = self.stream.codec_context, False
         for packet in self.container.demux(self.stream):
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
                 self.position = ts * self.tb - self.origin
                 _check_duration(self.position, self.spec)
+            if self.drops is not None and dropping != (packet.pts is not None and self.drops.allows(self.position)):
+                dropping = not dropping
+                codec.skip_frame = "NONREF" if dropping else "DEFAULT"
             for frame in _decode_packet(packet) or ():
                 ts = self.clock(frame)
                 if ts is None:
@@ -365,13 +395,64 @@ class _VideoReader:
                 self.shown = (frame, t)  # after the yield: a window opened by this frame is given it
 
 
+class _Timeline:
+    """The times of the video packets a survey demuxed: what says, before any frame is decoded,
+    which packet holds the frame on screen at each target time, so that the others may be dropped.
+
+    It is trusted only where packet times are frame times: a codec of _DROPPING_CODECS, not AVI
+    (an AVI stores no presentation times, only frame counts), and every packet with its own pts,
+    not before its dts and not shared with another packet. Otherwise nothing is dropped.
+    """
+
+    def __init__(self, container, video):
+        self.times = array("d")  # 8 bytes a packet: a 4-hour 60 fps video holds 7 MB here for the survey
+        self.trusted = video.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
+
+    def add(self, packet, t: float) -> None:
+        if packet.pts is None or (packet.dts is not None and packet.pts < packet.dts):
+            self.trusted = False
+        if self.trusted:
+            self.times.append(t)
+
+    def drops(self, targets: np.ndarray, complete: bool) -> _Drops | None:
+        """What may be dropped to fill `targets`; `complete`: the survey saw every packet."""
+        times = np.unique(np.frombuffer(self.times, np.float64))
+        if not self.trusted or len(times) < max(1, len(self.times)):
+            return None
+        return _Drops(times, targets, complete)
+
+
+class _Drops:
+    """Which frames FFmpeg may drop undecoded (when the codec can: non-reference frames only).
+
+    The frame shown at a target time is the last one whose time is not after it (or the first
+    frame, before any): those are kept. Any other frame of the timeline may go: a picture is
+    filled from the frames decoded, in time order, with the last one not after its target, and
+    that one is still there. A frame the timeline does not know (decode_clip surveys only its
+    window's packets) is decoded, in case it is the one on screen.
+    """
+
+    def __init__(self, times: np.ndarray, targets: np.ndarray, complete: bool):
+        shown = np.clip(np.searchsorted(times, targets, side="right") - 1, 0, len(times) - 1)
+        self.keep = frozenset(times[shown].tolist())
+        self.known = None if complete else frozenset(times.tolist())
+
+    def allows(self, t: float) -> bool:
+        return t not in self.keep and (self.known is None or t in self.known)
+
+
+def _targets(start: float, length: float, spec: DecodeSpec) -> np.ndarray:
+    """The times a window's frames show: the centres of `num_frames` equal slices of it."""
+    return start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
+
+
 class _Picture:
     """One window's frames: each target time filled with the frame on screen then; a frame is
     converted once, when chosen."""
 
     def __init__(self, start: float, length: float, spec: DecodeSpec, video: _VideoReader):
         self.start, self.end = start, start + spec.clip_seconds
-        self.targets = start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
+        self.targets = _targets(start, length, spec)
         self.size, self.sar, self.reformatter = spec.frame_size, video.sar, video.reformatter
         self.frames = np.zeros((spec.num_frames, self.size, self.size, 3), np.uint8)
         self.times = [0.0] * spec.num_frames
