@@ -24,8 +24,8 @@ make many of them non-reference B-frames that no other frame is predicted from: 
 those before decoding them (skip_frame NONREF), a third to a half of the decoding. The packets'
 presentation times, read before decoding, say which frame is on screen at each target time; the
 decoder is told per packet to decode those in full and may drop the others (`_Drops`). Where the
-times cannot be trusted to say that (`_Timeline`), every frame is decoded, so a window is always
-the one a decode of every frame gives.
+times cannot be trusted to say that, every frame is decoded, so a window is always the one a
+decode of every frame gives.
 
 Pictures are shown as a player shows them: the display matrix's rotation applied (a phone video
 stored sideways comes out upright), then the display aspect ratio kept (letterbox).
@@ -130,9 +130,8 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     source = _replayable(source, spec)
     start = float(start)
     try:
-        length, timeline = _window_length(source, spec, start)
-        drops = timeline.drops(_targets(start, length, spec), complete=False)
-        clip = next(_fill(source, spec, [(start, length)], drops=drops))
+        length = _window_length(source, spec, start)
+        clip = next(_fill(source, spec, [(start, length)]))
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     if isinstance(clip, DecodeError):
@@ -168,13 +167,12 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         return
     try:
         with _open_container(source, spec) as container:
-            video_end, keyframes, timeline = _survey(container, spec)
+            video_end, keyframes = _survey(container, spec)
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     windows = plan_windows(video_end, spec.clip_seconds, plan)
     spans = [(start, end - start) for start, end in windows]
-    drops = timeline.drops(np.concatenate([_targets(*span, spec) for span in spans]), complete=True)
-    with contextlib.closing(_fill(source, spec, spans, keyframes, drops)) as clips:
+    with contextlib.closing(_fill(source, spec, spans, keyframes)) as clips:
         for index, (start, end) in enumerate(windows):
             try:
                 clip = next(clips)
@@ -197,26 +195,23 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
-def _survey(container, spec: DecodeSpec) -> tuple[float, list[float], _Timeline]:
-    """(seconds from the first frame to the end of the last one, the keyframes' times, the
-    timeline of every video packet)."""
+def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
+    """(seconds from the first frame to the end of the last one, the keyframes' times)."""
     video = _video_stream(container, spec)
     end, keyframes, tb = None, [], float(video.time_base)
-    timeline = _Timeline(container, video)
     for packet, t in _video_packets(container, video, spec):
-        timeline.add(packet, t)
         if packet.is_keyframe:
             keyframes.append(t)
         shown_until = t + (packet.duration or 0) * tb
         end = shown_until if end is None else max(end, shown_until)
     if end is None or end <= 0:
         raise DecodeError("undecodable", "the video stream has no timed packet")
-    return end, sorted(keyframes), timeline
+    return end, sorted(keyframes)
 
 
-def _window_length(source: Source, spec: DecodeSpec, start: float) -> tuple[float, _Timeline]:
-    """Seconds of the window from `start` that the video covers (clip_seconds, or less where the
-    video ends inside it), and the timeline of the packets read to find out."""
+def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
+    """Seconds of the window from `start` that the video covers: clip_seconds, or less where the
+    video ends inside it."""
     with _open_container(source, spec) as container:
         video = _video_stream(container, spec)
         if start > 0:
@@ -230,12 +225,10 @@ def _window_length(source: Source, spec: DecodeSpec, start: float) -> tuple[floa
         return _covered(container, _video_stream(container, spec), start, spec)
 
 
-def _covered(container, video, start: float, spec: DecodeSpec) -> tuple[float, _Timeline]:
+def _covered(container, video, start: float, spec: DecodeSpec) -> float:
     end = start + spec.clip_seconds
     video_end, tb, origin = None, float(video.time_base), _origin(video)
-    timeline = _Timeline(container, video)
     for packet, t in _video_packets(container, video, spec):
-        timeline.add(packet, t)
         # A frame at or after the end fills the window, whatever the packet durations say
         # (MPEG-TS leaves them 0); before it, a frame is on screen until its duration ends.
         shown_until = end if t >= end else t + (packet.duration or 0) * tb
@@ -246,7 +239,7 @@ def _covered(container, video, start: float, spec: DecodeSpec) -> tuple[float, _
             break
     if video_end is None:
         raise DecodeError("undecodable", f"no video frame in the window [{start:g}, {end:g}) s")
-    return min(end, video_end) - start, timeline
+    return min(end, video_end) - start
 
 
 def _video_packets(container, video, spec: DecodeSpec):
@@ -262,8 +255,7 @@ def _video_packets(container, video, spec: DecodeSpec):
             yield packet, t
 
 
-def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None,
-          drops: _Drops | None = None):
+def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None):
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
@@ -273,7 +265,7 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     get the same samples however it was reached is to decode the audio from time 0, which costs
     little next to the video. FFmpegErrors raise as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes, drops)) as pictures, \
+    with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
@@ -286,8 +278,7 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             yield DecodedClip(frames, audio, audio_len, times, float(length))
 
 
-def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
-              drops: _Drops | None):
+def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None):
     """Each window's (frames, frame_times), or its DecodeError, in order, read forward.
 
     A window opens when the read reaches its start, with the frame on screen then, and is given
@@ -300,9 +291,10 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     """
     following = 0  # the first window not opened yet
     may_seek = True
+    targets = np.sort(np.concatenate([_targets(*window, spec) for window in windows]))
     while following < len(windows):
         with _open_container(source, spec) as container:
-            video = _VideoReader(container, spec, drops)
+            video = _VideoReader(container, spec, targets)
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
                 sought = None
@@ -344,9 +336,11 @@ class _VideoReader:
     """The video stream of one opened container, decoded forward from time 0 or from a seek,
     every frame timed in seconds from the video's first frame."""
 
-    def __init__(self, container, spec: DecodeSpec, drops: _Drops | None):
-        self.container, self.spec, self.drops = container, spec, drops
+    def __init__(self, container, spec: DecodeSpec, targets: np.ndarray):
+        self.container, self.spec = container, spec
         self.stream = _video_stream(container, spec)
+        may_drop = self.stream.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
+        self.drops = _Drops(targets) if may_drop else None
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = spec.threads
         self.origin, self.tb = _origin(self.stream), float(self.stream.time_base)
@@ -359,6 +353,8 @@ class _VideoReader:
         self.position = position  # time of the last packet read
         self.shown: tuple | None = None  # the last frame decoded, and its time
         self.clock = _FrameClock()
+        if self.drops is not None:
+            self.drops.restart()
 
     def should_seek(self, start: float, keyframes: list[float] | None) -> bool:
         """Whether seeking to `start` skips video that reading on would decode."""
@@ -377,12 +373,13 @@ class _VideoReader:
         """(frame, seconds) for each frame decoded from here on, damaged packets skipped, and
         the frames `drops` allows left to FFmpeg to drop."""
         codec, dropping = self.stream.codec_context, False
+        codec.skip_frame = "DEFAULT"  # as the read before may have left it
         for packet in self.container.demux(self.stream):
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
                 self.position = ts * self.tb - self.origin
                 _check_duration(self.position, self.spec)
-            if self.drops is not None and dropping != (packet.pts is not None and self.drops.allows(self.position)):
+            if self.drops is not None and dropping != self.drops.allows(packet, self.position):
                 dropping = not dropping
                 codec.skip_frame = "NONREF" if dropping else "DEFAULT"
             for frame in _decode_packet(packet) or ():
@@ -395,50 +392,55 @@ class _VideoReader:
                 self.shown = (frame, t)  # after the yield: a window opened by this frame is given it
 
 
-class _Timeline:
-    """The times of the video packets a survey demuxed: what says, before any frame is decoded,
-    which packet holds the frame on screen at each target time, so that the others may be dropped.
+class _Drops:
+    """Which frames FFmpeg may drop undecoded (when the codec can: non-reference frames only),
+    decided packet by packet, in decode order, from the times of the packets before.
 
-    It is trusted only where packet times are frame times: a codec of _DROPPING_CODECS, not AVI
-    (an AVI stores no presentation times, only frame counts), and every packet with its own pts,
-    not before its dts and not shared with another packet. Otherwise nothing is dropped.
+    The frame a target time shows is the last one not after it (or the first one, before any).
+    A frame at time t is dropped only when a frame already read comes later, at q, with no target
+    in [t, q): then whatever follows t comes no later than q, so t shows at no target. It is
+    never the earliest frame of a read. A picture is filled from the frames decoded, in time
+    order, with the last one not after its target, and that one is never dropped. Non-reference
+    frames come after the frames they lie between, so the one after is nearly always read.
+
+    Packet times are trusted to be frame times only while every packet has its own pts, not
+    before its dts and not shared with a recent packet; from the first that has not, nothing more
+    is dropped in this read (damaged timestamps). AVI stores no presentation times at all.
     """
 
-    def __init__(self, container, video):
-        self.times = array("d")  # 8 bytes a packet: a 4-hour 60 fps video holds 7 MB here for the survey
-        self.trusted = video.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
+    RECENT = 64  # packets remembered: far more than any decoder reorders
 
-    def add(self, packet, t: float) -> None:
+    def __init__(self, targets: np.ndarray):
+        self.targets = targets  # sorted
+        self.restart()
+
+    def restart(self) -> None:
+        """A new read, from time 0 or from a seek."""
+        self.trusted, self.earliest = True, np.inf
+        self.read: deque[float] = deque()  # the last RECENT times, in decode order
+        self.sorted: list[float] = []  # the same, in time order
+
+    def allows(self, packet, t: float) -> bool:
+        """Whether the next packet's frame, at time t, may be dropped."""
+        if not self.trusted:
+            return False
         if packet.pts is None or (packet.dts is not None and packet.pts < packet.dts):
             self.trusted = False
-        if self.trusted:
-            self.times.append(t)
-
-    def drops(self, targets: np.ndarray, complete: bool) -> _Drops | None:
-        """What may be dropped to fill `targets`; `complete`: the survey saw every packet."""
-        times = np.unique(np.frombuffer(self.times, np.float64))
-        if not self.trusted or len(times) < max(1, len(self.times)):
-            return None
-        return _Drops(times, targets, complete)
-
-
-class _Drops:
-    """Which frames FFmpeg may drop undecoded (when the codec can: non-reference frames only).
-
-    The frame shown at a target time is the last one whose time is not after it (or the first
-    frame, before any): those are kept. Any other frame of the timeline may go: a picture is
-    filled from the frames decoded, in time order, with the last one not after its target, and
-    that one is still there. A frame the timeline does not know (decode_clip surveys only its
-    window's packets) is decoded, in case it is the one on screen.
-    """
-
-    def __init__(self, times: np.ndarray, targets: np.ndarray, complete: bool):
-        shown = np.clip(np.searchsorted(times, targets, side="right") - 1, 0, len(times) - 1)
-        self.keep = frozenset(times[shown].tolist())
-        self.known = None if complete else frozenset(times.tolist())
-
-    def allows(self, t: float) -> bool:
-        return t not in self.keep and (self.known is None or t in self.known)
+            return False
+        at = bisect.bisect_left(self.sorted, t)
+        if at < len(self.sorted) and self.sorted[at] == t:
+            self.trusted = False
+            return False
+        self.sorted.insert(at, t)
+        self.read.append(t)
+        if len(self.read) > self.RECENT:
+            del self.sorted[bisect.bisect_left(self.sorted, self.read.popleft())]
+            at = bisect.bisect_left(self.sorted, t)
+        earlier, self.earliest = self.earliest < t, min(self.earliest, t)
+        if not earlier or at + 1 == len(self.sorted):
+            return False
+        after = self.sorted[at + 1]
+        return np.searchsorted(self.targets, t) == np.searchsorted(self.targets, after)
 
 
 def _targets(start: float, length: float, spec: DecodeSpec) -> np.ndarray:
