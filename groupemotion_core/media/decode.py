@@ -15,9 +15,10 @@ open, so memory does not grow with the video's length.
 Both fill a window with the same machinery, fed the same decoded frames, so a window's clip is the
 same array either way: its pictures are the frames from the one on screen at its start on (a
 video decoder starts clean at every keyframe, so where the read started changes none of them),
-its audio comes from a read of the audio track that always starts at time 0 (an audio decoder
-never starts clean: see `_fill`), resampled by a resampler of its own. Reading from time 0 opens
-the input afresh rather than seeking back: some containers (FLV) cannot.
+its audio comes from a decoder of its own started a second before it (an audio decoder never
+starts clean: see `_AudioRun`), resampled by a resampler of its own; so a window costs the same
+early or late in a long video. Reading from time 0 opens the input afresh rather than seeking
+back: some containers (FLV) cannot.
 
 Most frames are never shown in a window (8 of 150 in a 5 s window at 30 fps), and web encoders
 make many of them non-reference B-frames that no other frame is predicted from: FFmpeg can drop
@@ -84,6 +85,15 @@ _SIGNATURES = (
 # decode everything (MPEG-4 part 2 may pack two frames in one packet, WMV's times are guesses).
 _DROPPING_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "vp8", "vp9"})
 
+# Audio decoders that a new codec context with the stream's extradata, rate, layout and bit rate
+# sets up exactly as the stream's own (tested sample for sample against it).
+_FRESH_DECODERS = frozenset({"aac", "mp3float", "mp3", "mp2float", "mp2", "opus", "vorbis"})
+
+# Each window's audio decoder starts this long before the window (see _AudioRun), and the audio
+# read seeks when the next window's start is further ahead than AUDIO_SEEK_S.
+AUDIO_PREROLL_S = 1.0
+AUDIO_SEEK_S = 10.0
+
 # What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
 _FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, UnicodeDecodeError)
 
@@ -119,8 +129,8 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     file whose container still reads (Matroska, WebM) gives the part that is there; one whose
     index is gone (an MP4 cut before its moov box) is undecodable.
 
-    The audio is decoded from time 0 whatever `start` is (see `_fill`): a late window costs the
-    audio before it, which is little next to its video.
+    The audio is decoded from AUDIO_PREROLL_S before `start` by a decoder of its own (see
+    `_AudioRun`), so that a late window costs no more than an early one.
 
     Raises DecodeError for any bad input. An OSError reading a path or file object is the
     storage's fault, not the media's, and a negative `start` the caller's: both raise as they are.
@@ -259,11 +269,8 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
-    its own stream: the video is sought across gaps, the audio never is. An audio decoder's output
-    depends on all it decoded before (AAC's noise substitution and WMA's noise draw from a
-    generator that runs on; MP3 and Vorbis carry bits and overlap), so the one way for a window to
-    get the same samples however it was reached is to decode the audio from time 0, which costs
-    little next to the video. FFmpegErrors raise as they are.
+    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
+    as they are.
     """
     with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
@@ -491,52 +498,132 @@ class _Picture:
 
 
 def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]):
-    """Each window's audio, in order, from one read of the first audio track from time 0: mono
-    float32 at spec.sample_rate from the window's start, not cut to its length yet, and empty
-    without a track."""
-    with _open_container(source, spec) as container:
-        origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
-        stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
-        live: deque[_Sound] = deque()
-        following = 0  # the first window not opened yet
-        if stream is not None:
+    """Each window's audio, in order: mono float32 at spec.sample_rate from the window's start,
+    not cut to its length yet, and empty without a track.
+
+    Each window has a decoder of its own, started at its restart packet (`_AudioRun`), and all
+    are fed from one forward read of the first audio track, so that back-to-back windows cost
+    one read. With no window being decoded, the read seeks to the next restart packet when that
+    is more than AUDIO_SEEK_S ahead; where a seek fails or lands after it (FLV, MPEG-TS), the input
+    is opened again and read from time 0 without seeking, as the pictures are.
+    """
+    following = 0  # the first window whose decoder has not started
+    live: deque[_AudioRun] = deque()
+    may_seek, has_audio = True, True
+    while following < len(windows) and has_audio:
+        with _open_container(source, spec) as container:
+            origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
+            stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
+            if stream is None:
+                has_audio = False
+                break
             _demux_only(container, [stream])
-            for frame, t, seconds in _audio_frames(container, stream, origin, spec):
-                while following < len(windows) and t + seconds > windows[following][0]:
-                    live.append(_Sound(windows[following][0], spec))
-                    following += 1
-                for sound in live:
-                    sound.add(frame, t, seconds)
-                while live and live[0].done:
-                    yield live.popleft().samples()
-        while live:  # the end of the audio
-            yield live.popleft().samples()
-        for _ in windows[following:]:
-            yield np.zeros(0, np.float32)
+            tb, restarts = float(stream.time_base), [start - AUDIO_PREROLL_S for start, _ in windows]
+            position, sought, pending = 0.0, False, []  # pending: the last packet at or before the next restart, and the untimed ones after it
+            if may_seek and restarts[following] > AUDIO_SEEK_S:
+                try:
+                    container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
+                    sought = True
+                except av.error.FFmpegError:
+                    may_seek = False
+                    continue
+            for packet in container.demux(stream):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
+                if t is not None:
+                    _check_duration(t, spec)
+                    position = t
+                    while following < len(windows) and t > restarts[following]:
+                        if not pending and sought:
+                            break  # the seek landed after the restart packet
+                        live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
+                        for early in pending:
+                            live[-1].feed(early)
+                        following += 1
+                    if following < len(windows) and t > restarts[following]:
+                        may_seek = False
+                        break
+                    if following < len(windows) and t <= restarts[following]:
+                        pending = [packet]
+                elif pending:
+                    pending.append(packet)
+                sought = sought and not live
+                for run in live:
+                    run.feed(packet)
+                while live and live[0].sound.done:
+                    yield live.popleft().close()
+                if not live and may_seek and following < len(windows) and restarts[following] > position + AUDIO_SEEK_S:
+                    break  # on to a seek
+            else:  # the end of the audio
+                while live:
+                    yield live.popleft().close()
+                for _ in windows[following:]:
+                    yield np.zeros(0, np.float32)
+                return
+    while live:
+        yield live.popleft().close()
+    for _ in windows[following:]:
+        yield np.zeros(0, np.float32)
 
 
-def _audio_frames(container, stream, origin: float, spec: DecodeSpec):
-    """(frame, seconds from time 0, its length in seconds) for each decoded frame, and
-    (None, ...) for each packet the decoder rejects, so that later audio keeps its time."""
-    end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
-    tb = float(stream.time_base)
-    for packet in container.demux(stream):
+class _AudioRun:
+    """One window's audio decoder, fed every packet from the window's restart packet on: the last
+    audio packet whose time is not after AUDIO_PREROLL_S before the window (or the first packet).
+
+    An audio decoder's output depends on all it decoded before (AAC's noise substitution and
+    WMA's noise draw from a generator that runs on; MP3 and Vorbis carry bits and overlap), so
+    a window gets the same samples however it was reached only from a decoder started afresh at a
+    packet the window alone decides; decode_clip and decode_windows both start it here. The
+    pre-roll lets the decoder settle before the window: a decoder started cold gets the first
+    block or two wrong, and nothing after. AAC and WMA overlap each block with the one before
+    (AAC 1024 samples, HE-AAC's SBR adds some 0.01 s; WMA at most 2048 samples, 0.13 s at 16 kHz);
+    MP3 overlaps granules of 576 samples and may take a frame's bits from the 511 bytes before it,
+    0.5 s at its lowest rate of 8 kbit/s; Vorbis overlaps blocks of at most 8192 samples (0.19 s at
+    44.1 kHz, 0.37 s at 22.05 kHz); Opus converges within 80 ms (RFC 7845, 4.6). One second covers
+    each of them. What a cold start leaves different is noise the codec itself draws at random.
+
+    The decoder is a new one with the stream's parameters where PyAV can set them all (the codecs
+    of _FRESH_DECODERS); any other codec (WMA needs its block size) borrows the unused decoder of
+    another opening of the input.
+    """
+
+    def __init__(self, stream, source: Source, spec: DecodeSpec, start: float, origin: float):
+        self.tb, self.origin, self.spec = float(stream.time_base), origin, spec
+        self.sound = _Sound(start, spec)
+        self.end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+        self.lender = None
+        own = stream.codec_context
+        if own.name in _FRESH_DECODERS:
+            self.decoder = av.CodecContext.create(own.codec, "r")
+            self.decoder.extradata, self.decoder.sample_rate, self.decoder.layout = own.extradata, own.sample_rate, own.layout
+            self.decoder.bit_rate = own.bit_rate or 0
+            self.decoder.options = {"pkt_timebase": str(stream.time_base)}
+        else:
+            self.lender = _open_container(source, spec)
+            self.decoder = self.lender.streams[stream.index].codec_context
+
+    def feed(self, packet) -> None:
+        """Decode the next packet; its frames (or, for a packet the decoder rejects, its silence)
+        go to the window, so that later audio keeps its time."""
         ts = packet.pts if packet.pts is not None else packet.dts
-        t = None if ts is None else ts * tb - origin  # None: a flush packet
-        if t is not None:
-            _check_duration(t, spec)
-        frames = _decode_packet(packet)
+        t = None if ts is None else ts * self.tb - self.origin
+        frames = _decode_packet(packet, self.decoder)
         if frames is None:
             if packet.duration and t is not None:
-                gap = packet.duration * tb
-                end = None if end is None else end + gap
-                yield None, t, gap
-            continue
+                gap = packet.duration * self.tb
+                self.end = None if self.end is None else self.end + gap
+                self.sound.add(None, t, gap)
+            return
         for frame in frames:
-            t = end if frame.pts is None else frame.pts * tb - origin
+            t = self.end if frame.pts is None else frame.pts * self.tb - self.origin
             if t is not None:
-                end = t + frame.samples / frame.sample_rate
-                yield frame, t, frame.samples / frame.sample_rate
+                self.end = t + frame.samples / frame.sample_rate
+                self.sound.add(frame, t, frame.samples / frame.sample_rate)
+
+    def close(self) -> np.ndarray:
+        if self.lender is not None:
+            self.lender.close()
+        return self.sound.samples()
 
 
 class _Sound:
@@ -656,14 +743,14 @@ def _video_stream(container, spec: DecodeSpec):
     return video
 
 
-def _decode_packet(packet) -> list | None:
+def _decode_packet(packet, decoder=None) -> list | None:
     """The packet's frames, or None when the decoder rejects it.
 
     A damaged packet is dropped, as every player does (the codec conceals the gap), instead of
     failing the whole clip; a clip fails only when no video frame decodes at all.
     """
     try:
-        return packet.decode()
+        return packet.decode() if decoder is None else decoder.decode(packet)
     except av.error.FFmpegError:
         return None
 

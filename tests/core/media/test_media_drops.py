@@ -80,8 +80,8 @@ def frames_decoded(monkeypatch):
     counted = [0]
     original = decode._decode_packet
 
-    def counting(packet):
-        frames = original(packet)
+    def counting(packet, decoder=None):
+        frames = original(packet, decoder)
         counted[0] += sum(isinstance(f, av.VideoFrame) for f in frames or ())
         return frames
 
