@@ -94,6 +94,10 @@ _FRESH_DECODERS = frozenset({"aac", "mp3float", "mp3", "mp2float", "mp2", "opus"
 AUDIO_PREROLL_S = 1.0
 AUDIO_SEEK_S = 10.0
 
+# Seconds at the end of a video, by its header, demuxed to find where it really ends when its
+# windows are sparse (see _survey).
+TAIL_S = 30.0
+
 # What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
 _FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, UnicodeDecodeError)
 
@@ -177,7 +181,10 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         return
     try:
         with _open_container(source, spec) as container:
-            video_end, keyframes = _survey(container, spec)
+            video_end, keyframes = _tail_end(container, spec, plan), None
+        if video_end is None:
+            with _open_container(source, spec) as container:
+                video_end, keyframes = _survey(container, spec)
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     windows = plan_windows(video_end, spec.clip_seconds, plan)
@@ -205,18 +212,51 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
+def _tail_end(container, spec: DecodeSpec, plan: WindowPlan) -> float | None:
+    """Where the video ends, from its last packets alone, when its windows will be sparse
+    (`max_windows` of many more); None to demux it whole (`_survey`).
+
+    Demuxing a two-hour video's every packet costs more than its 8 windows, so only its last
+    TAIL_S seconds, as its header says, are: the last frame is among them wherever the header is
+    wrong, since the read goes on to the end of the file. The keyframes are then not known, and
+    each window is sought. A file that cannot seek is demuxed whole.
+    """
+    video = _video_stream(container, spec)
+    declared = _declared_seconds(container, video) or 0.0
+    if plan.max_windows is None or declared / (plan.stride_s or spec.clip_seconds) <= 2 * plan.max_windows:
+        return None
+    try:
+        _seek(container, video, declared - TAIL_S)
+    except av.error.FFmpegError:
+        return None
+    end = _last_frame_end(_video_packets(container, video, spec), video)
+    return end if end is not None and end > 0 else None
+
+
 def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
     """(seconds from the first frame to the end of the last one, the keyframes' times)."""
+    keyframes: list[float] = []
+
+    def noting_keyframes(packets):
+        for packet, t in packets:
+            if packet.is_keyframe:
+                keyframes.append(t)
+            yield packet, t
+
     video = _video_stream(container, spec)
-    end, keyframes, tb = None, [], float(video.time_base)
-    for packet, t in _video_packets(container, video, spec):
-        if packet.is_keyframe:
-            keyframes.append(t)
-        shown_until = t + (packet.duration or 0) * tb
-        end = shown_until if end is None else max(end, shown_until)
+    end = _last_frame_end(noting_keyframes(_video_packets(container, video, spec)), video)
     if end is None or end <= 0:
         raise DecodeError("undecodable", "the video stream has no timed packet")
     return end, sorted(keyframes)
+
+
+def _last_frame_end(packets, video) -> float | None:
+    """Where the last of the (packet, time) frames stops being shown, by its duration."""
+    end, tb = None, float(video.time_base)
+    for packet, t in packets:
+        shown_until = t + (packet.duration or 0) * tb
+        end = shown_until if end is None else max(end, shown_until)
+    return end
 
 
 def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
@@ -509,59 +549,58 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     """
     following = 0  # the first window whose decoder has not started
     live: deque[_AudioRun] = deque()
-    may_seek, has_audio = True, True
-    while following < len(windows) and has_audio:
+    restarts = [start - AUDIO_PREROLL_S for start, _ in windows]
+    may_seek = True
+    while following < len(windows):
         with _open_container(source, spec) as container:
             origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
             stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
             if stream is None:
-                has_audio = False
                 break
             _demux_only(container, [stream])
-            tb, restarts = float(stream.time_base), [start - AUDIO_PREROLL_S for start, _ in windows]
-            position, sought, pending = 0.0, False, []  # pending: the last packet at or before the next restart, and the untimed ones after it
-            if may_seek and restarts[following] > AUDIO_SEEK_S:
-                try:
-                    container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
-                    sought = True
-                except av.error.FFmpegError:
-                    may_seek = False
-                    continue
-            for packet in container.demux(stream):
-                ts = packet.pts if packet.pts is not None else packet.dts
-                t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
-                if t is not None:
-                    _check_duration(t, spec)
-                    position = t
-                    while following < len(windows) and t > restarts[following]:
-                        if not pending and sought:
-                            break  # the seek landed after the restart packet
-                        live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
-                        for early in pending:
-                            live[-1].feed(early)
-                        following += 1
-                    if following < len(windows) and t > restarts[following]:
+            tb, position = float(stream.time_base), 0.0
+            while True:  # one read: from time 0, or from a seek
+                sought, pending = False, []  # pending: the last packet at or before the next restart, and the untimed ones after it
+                if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
+                    try:
+                        container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
+                    except av.error.FFmpegError:
                         may_seek = False
                         break
-                    if following < len(windows) and t <= restarts[following]:
-                        pending = [packet]
-                elif pending:
-                    pending.append(packet)
-                sought = sought and not live
-                for run in live:
-                    run.feed(packet)
-                while live and live[0].sound.done:
-                    yield live.popleft().close()
-                if not live and may_seek and following < len(windows) and restarts[following] > position + AUDIO_SEEK_S:
-                    break  # on to a seek
-            else:  # the end of the audio
-                while live:
-                    yield live.popleft().close()
-                for _ in windows[following:]:
-                    yield np.zeros(0, np.float32)
-                return
-    while live:
-        yield live.popleft().close()
+                    sought = True
+                for packet in container.demux(stream):
+                    ts = packet.pts if packet.pts is not None else packet.dts
+                    t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
+                    if t is not None:
+                        _check_duration(t, spec)
+                        position = t
+                        if following < len(windows) and t > restarts[following] and sought and not pending:
+                            may_seek = False  # the seek landed after the restart packet
+                            break
+                        while following < len(windows) and t > restarts[following]:
+                            live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
+                            for early in pending:
+                                live[-1].feed(early)
+                            following += 1
+                        if following < len(windows):
+                            pending = [packet]
+                    elif pending:
+                        pending.append(packet)
+                    sought = sought and not live
+                    for run in live:
+                        run.feed(packet)
+                    while live and live[0].sound.done:
+                        yield live.popleft().close()
+                    if not live and may_seek and following < len(windows) and restarts[following] > position + AUDIO_SEEK_S:
+                        break  # on to a seek
+                else:  # the end of the audio
+                    while live:
+                        yield live.popleft().close()
+                    for _ in windows[following:]:
+                        yield np.zeros(0, np.float32)
+                    return
+                if not may_seek:
+                    break  # open the input again and read it from time 0
     for _ in windows[following:]:
         yield np.zeros(0, np.float32)
 
@@ -736,11 +775,16 @@ def _video_stream(container, spec: DecodeSpec):
     if video.codec_context is None:
         raise DecodeError("undecodable", "no decoder for the video codec")
     _check_pixels(video.codec_context.width, video.codec_context.height, spec)
-    declared = container.duration / av.time_base if container.duration else None
-    declared = declared or _seconds(video.duration, video)
+    declared = _declared_seconds(container, video)
     if declared and declared > spec.max_duration_s:
         raise DecodeError("too_long", f"{declared:.1f} s > max_duration_s {spec.max_duration_s:g}")
     return video
+
+
+def _declared_seconds(container, video) -> float | None:
+    """The length the header declares, which may be wrong or missing."""
+    declared = container.duration / av.time_base if container.duration else None
+    return declared or _seconds(video.duration, video)
 
 
 def _decode_packet(packet, decoder=None) -> list | None:
