@@ -5,8 +5,10 @@
                        [--decode-cpus N] [--stall-timeout S] [--overwrite] [--verbose]
 
 INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manifest.json, local or
-s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, or preset:tiny /
-preset:paper for random weights (smoke tests and benchmarks only). The job runs on the Ray
+s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, a checkpoint
+on the Hugging Face hub, hf-hub:OWNER/REPO[@REVISION] (resolved to one commit; offline from the HF
+cache with HF_HUB_OFFLINE=1), or preset:tiny / preset:paper for random weights (smoke tests and
+benchmarks only). The job runs on the Ray
 cluster in RAY_ADDRESS, or on a local Ray it starts when that is unset; `ray job submit -- python
 -m ray_jobs.commands.infer ARGS` runs the same thing on a cluster.
 
@@ -20,7 +22,8 @@ Output (OUTPUT is a local folder or an s3:// prefix):
 
     OUTPUT/windows/part-<16 hex>.parquet  one row per window (`schema.WindowRow`)
     OUTPUT/videos/part-<16 hex>.parquet   one row per input video, failed ones too (`schema.VideoRow`)
-    OUTPUT/_job.json                      the resolved run: model id and config, inputs, window plan,
+    OUTPUT/_job.json                      the resolved run: model id and config (for a hub model, the
+                                          commit and the weights' sha256), inputs, window plan,
                                           options, decode spec
     OUTPUT/_SUCCESS                       written last, holding the summary, once every unit is committed
 
@@ -78,30 +81,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from dataclasses import asdict
 from typing import Any
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, split_error
 from groupemotion_core.schema import ClipRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
 from ray_jobs.inputs import storage
-from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
-from ray_jobs.predict.pipeline import (
-    PredictOptions,
-    add_prediction_arguments,
-    driver_batches,
-    predict,
-    prediction_options,
-    video_count,
-    window_plan,
-)
-from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
-
-JOB_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS"
+from ray_jobs.sinks.labels import JOB_FILE, SUCCESS_FILE, LabelWriter, Summary, plan_units
+from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict, video_count
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 
 
 def infer(
@@ -148,6 +140,7 @@ def infer(
     _write_json(storage.join(output, JOB_FILE), {
         "model_id": info["model_id"],
         "model_ref": model_ref,
+        "model_hub": info["hub"],
         "model_config": cfg.to_dict(),
         "decode_spec": asdict(cfg.decode_spec()),
         "window_plan": asdict(plan),
@@ -163,7 +156,7 @@ def infer(
     )
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note)
-    predictions = predict(todo, model_ref, cfg.decode_spec(), plan, options, shard_ends=True)
+    predictions = predict(todo, info["pinned_ref"], cfg.decode_spec(), plan, options, shard_ends=True)
     try:
         for batch in driver_batches(predictions, stall_timeout_s):
             writer.add(batch)
@@ -174,7 +167,7 @@ def infer(
     summary.seconds = time.monotonic() - started
     if summary.units_left:
         progress.note(f"infer: {summary.line()}")
-        reason, _, detail = summary.left_error.partition(": ")
+        reason, detail = split_error(summary.left_error)
         raise GroupEmotionError(reason, f"{summary.units_left} of {len(units)} units were left for a rerun: the "
                                 f"object store failed reading them after retries (first: {detail}); the other "
                                 "units are committed; run the same command again to finish")
@@ -184,14 +177,8 @@ def infer(
 
 def _advance(progress, rows: list[dict]) -> None:
     errors = sum(r[WindowRow.ERROR] is not None for r in rows)
-    windows = sum(r[ClipRow.WINDOW] >= 0 for r in rows)
+    windows = sum(ClipRow.is_window(r[ClipRow.WINDOW]) for r in rows)
     progress.advance(1, windows=windows, errors=errors)
-
-
-def log_stats(dataset) -> None:
-    """Ray Data's per-operator statistics, where the time went, to its own log file only."""
-    logging.getLogger("ray.data").info("groupemotion: per-operator statistics\n%s", dataset.stats(),
-                                       extra={"hide": True})
 
 
 def _claim_output(output: str, model_id: str, plan: WindowPlan, overwrite: bool) -> None:
