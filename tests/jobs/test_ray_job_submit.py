@@ -149,3 +149,21 @@ def test_infer_runs_through_ray_job_submit_with_token_auth(ray_head, tmp_path):
         assert df["error"].isna().all() and set(df["model"]) == {model_id}
         assert (df[list(PROB_COLUMNS)].sum(axis=1) - 1).abs().max() < 1e-5
 
+
+    # A mistake (a model that is not there) fails the job and `ray job submit` exits 1 whatever
+    # the reason; the line cluster/README.md gives a retry loop reads back the driver's own exit
+    # status: 2, a mistake not to retry (75 would be a failure to submit again).
+    job_id = f"mistake-{uuid.uuid4().hex[:8]}"
+    failed = subprocess.run(
+        [RAY, "job", "submit", "--address", url, "--submission-id", job_id, "--", sys.executable, "-m",
+         "ray_jobs.commands.infer", str(tmp_path / "shards"), "--model", str(tmp_path / "nothing"),
+         "--output", str(tmp_path / "labels")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert failed.returncode == 1 and "error: bad_checkpoint: " in failed.stdout, failed.stdout[-3000:]
+    readme = (Path(__file__).resolve().parents[2] / "cluster" / "README.md").read_text()
+    read_back = next(line for line in readme.splitlines() if line.startswith("python -c") and "driver_exit_code" in line)
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"  # `python` is this environment's
+    status = subprocess.run(["bash", "-c", f"id={job_id}; {read_back}"], env={**env, "RAY_ADDRESS": url, "PATH": path},
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 2, status.stderr[-2000:]
