@@ -1,12 +1,18 @@
 """Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
 input unit, committed when the unit is complete, in whatever order units complete.
 
-The unit of work is an input unit: one tar shard, or a group of up to OBJECTS_PER_UNIT plain video
-objects. A unit is complete when its known number of videos is complete, and a video when all its
-windows have a row (or its one whole-video error row has come). A group of objects knows its size
-from the listing; a shard's size is known to its reader only, which ends the shard with a marker
-row that counts its videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one
-slow video holds back only its own unit, and the driver holds the rows of the units in flight.
+The unit of work is an input unit: one tar shard, or one row group of the job's saved listing
+(`ray_jobs.inputs.listing`: consecutive rows of one table, or of the listed plain objects). A unit
+is complete when its known number of videos is complete, and a video when all its windows have a
+row (or its one whole-video error row has come). A row group knows its size from the listing; a
+shard's size is known to its reader only, which ends the shard with a marker row that counts its
+videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one slow video
+holds back only its own unit, and the driver holds the rows of the units in flight (and one small
+`Unit` per unit of the job: a row group is 256 videos).
+
+A table unit's videos/ rows come in the order of its rows, keyed by the row's URI, with the
+row's carried columns (read back from the listing's row group when the unit commits, so they
+never travel through the decoders) after the VideoRow columns, unchanged.
 
 A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
 atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
@@ -43,10 +49,10 @@ import pyarrow.parquet as pq
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from ray_jobs.inputs import storage
+from ray_jobs.inputs import storage, tables
+from ray_jobs.inputs.listing import INPUTS_DIR, Listing
 from ray_jobs.predict.pipeline import VideoCollector, error_counts, video_row
 
-OBJECTS_PER_UNIT = 256
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
 PART_PREFIX = "part-"
@@ -56,10 +62,12 @@ EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"
 
 @dataclass
 class Unit:
-    """One unit of work: a tar shard, or a group of plain video objects."""
+    """One unit of work: a tar shard, or one row group of a part of the listing."""
 
     inputs: tuple[str, ...]
     videos: int | None  # None for a shard until its reader's count arrives
+    part: str | None = None  # a row group's: the part's URI
+    group: int = 0
 
     @property
     def name(self) -> str:
@@ -70,14 +78,15 @@ class Unit:
         return self.inputs[0] if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {self.inputs[0]}"
 
 
-def plan_units(inputs: list[str]) -> list[Unit]:
-    """Input URIs -> units: one per shard, and groups of consecutive plain objects."""
-    from ray_jobs.inputs.sources import layout
-
-    shards = [Unit((uri,), None) for uri in inputs if layout(uri) == "tar"]
-    videos = [uri for uri in inputs if layout(uri) != "tar"]
-    groups = [videos[i : i + OBJECTS_PER_UNIT] for i in range(0, len(videos), OBJECTS_PER_UNIT)]
-    return shards + [Unit(tuple(g), len(g)) for g in groups]
+def plan_units(listing: Listing, output: str) -> list[Unit]:
+    """A saved listing -> units: one per shard, and one per row group of each part."""
+    units = [Unit((uri,), None) for uri in listing.shards]
+    for i, part in enumerate(listing.parts):
+        uri, last = listing.part_uri(output, i), listing.groups(i) - 1
+        for g in range(last + 1):
+            rows = part["rows"] - last * listing.unit_rows if g == last else listing.unit_rows
+            units.append(Unit((f"{INPUTS_DIR}/{part['name']}#{g}",), rows, uri, g))
+    return units
 
 
 @dataclass
@@ -161,10 +170,15 @@ class LabelWriter:
 
     def __init__(self, units: list[Unit], output: str, model_id: str, summary: Summary,
                  on_video: Callable[[list[dict]], None] = lambda rows: None,
-                 on_commit: Callable[[str], None] = lambda line: None):
+                 on_commit: Callable[[str], None] = lambda line: None, *,
+                 parts: list[str] = (), unit_rows: int = 0):
+        """`parts[i]` is the part URI of the stream keys' table i (`sources.read_sources`' order),
+        `unit_rows` the listing's rows per row group."""
         self.units, self.output, self.model_id, self.summary = units, output, model_id, summary
+        self.parts, self.unit_rows = list(parts), unit_rows
+        self.unit_at = {(u.part, u.group): i for i, u in enumerate(units) if u.part is not None}
         self.on_video, self.on_commit = on_video, on_commit
-        self.unit_of = {uri: i for i, unit in enumerate(units) for uri in unit.inputs}
+        self.unit_of = {uri: i for i, unit in enumerate(units) if unit.part is None for uri in unit.inputs}
         self.collector = VideoCollector()
         self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
         self.committed: set[int] = set()  # and the units left for a rerun
@@ -198,6 +212,9 @@ class LabelWriter:
             )
 
     def _index(self, key: str) -> int:
+        located = tables.row_of(key)
+        if located is not None:  # a row of the listing
+            return self.unit_at[(self.parts[located[1]], located[2] // self.unit_rows)]
         if key in self.unit_of:  # a plain object, or a shard's own row (its error or its end)
             return self.unit_of[key]
         cut = key.rfind("/")
@@ -218,8 +235,11 @@ class LabelWriter:
             self.on_commit(f"left for a rerun: {unit.describe()}: {failed}")
             return
         metadata = {INPUTS_METADATA_KEY: json.dumps(list(unit.inputs))}
-        windows = window_table(rows.windows, self.model_id).replace_schema_metadata(metadata)
-        videos = video_table(rows.videos, self.model_id).replace_schema_metadata(metadata)
+        if unit.part is None:
+            windows, videos = window_table(rows.windows, self.model_id), video_table(rows.videos, self.model_id)
+        else:
+            windows, videos = self._table_unit(unit, rows)
+        windows, videos = windows.replace_schema_metadata(metadata), videos.replace_schema_metadata(metadata)
         _write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
         _write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
 
@@ -243,6 +263,27 @@ class LabelWriter:
         if self.exit_after and s.units_committed >= self.exit_after:
             print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def _table_unit(self, unit: Unit, rows: _InFlight) -> tuple[pa.Table, pa.Table]:
+        """A row group's tables: rows in the listing's order, keyed by its URIs, its carried
+        columns after the VideoRow columns."""
+        with storage.open_read(unit.part) as f:
+            listed = pq.ParquetFile(f).read_row_group(unit.group)
+        first = unit.group * self.unit_rows
+        uris = listed.column(tables.URI_COLUMN).to_pylist()
+
+        def listed_row(row: dict) -> dict:
+            offset = tables.row_of(row[VideoRow.KEY])[2] - first
+            return {**row, VideoRow.KEY: uris[offset], "_row": offset}
+
+        videos = sorted(map(listed_row, rows.videos), key=lambda r: r["_row"])
+        table = _table(videos, VideoRow.SCHEMA, self.model_id)
+        for name in listed.schema.names:
+            if name != tables.URI_COLUMN:
+                table = table.append_column(listed.schema.field(name), listed.column(name))
+        windows = sorted(map(listed_row, rows.windows), key=lambda r: (r["_row"], r[WindowRow.WINDOW]))
+        return _table(windows, WindowRow.SCHEMA, self.model_id), table
 
 
 def window_table(rows: list[dict], model_id: str) -> pa.Table:
