@@ -58,6 +58,15 @@ def schema(uri: str, uri_column: str) -> pa.Schema:
         return found
 
 
+def check(uris: list[str], uri_column: str, *, labelled: bool = False) -> None:
+    """Raise the table mistakes (`schema`) of the tables among `uris` (inputs as given), and with
+    `labelled` a table without a `label` column: the checks a job makes before Ray starts."""
+    for uri in uris:
+        if is_table(uri) and LABEL_COLUMN not in schema(uri, uri_column).names and labelled:
+            raise GroupEmotionError("bad_table", f"{uri} has no `{LABEL_COLUMN}` column: training needs a label "
+                                    "per video (a class name or a VGAF number)")
+
+
 def batches(uri: str, uri_column: str, text_columns: tuple[str, ...] = (), columns: list[str] | None = None,
             row_groups: list[int] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
     """The table's rows a record batch of at most BATCH_ROWS at a time, with the index of each
