@@ -93,6 +93,13 @@ class ClipRow:
     WHOLE_VIDEO = -1
     SHARD_END = -2
 
+    @staticmethod
+    def is_window(window):
+        """Whether a `window` value is a window of a video, not a marker row (WHOLE_VIDEO,
+        SHARD_END: both negative). Elementwise on a NumPy array. Every stage tells markers from
+        windows with this one test."""
+        return window >= 0
+
 
 PROB_COLUMNS = tuple(f"prob_{c.lower()}" for c in CLASSES)
 

@@ -11,7 +11,7 @@ from its `label` column, a class name or a VGAF number, and its URIs from `uri` 
 prediction pipeline of `infer` (`ray_jobs.predict.pipeline`), windows and all, so a score describes the
 job that labels production data, decoder included. Scores are per video: a video's prediction is
 its `videos/` label in `infer`, the mean of its windows' probabilities weighted by window length
-(`pipeline.video_row`). The window options are infer's (default: every window of the video; a
+(`groupemotion_core.videos.video_row`). The window options are infer's (default: every window of the video; a
 VGAF 5 s clip is one window). Only the small prediction rows come back to the driver, which holds
 the rows of the videos in flight.
 
@@ -45,9 +45,10 @@ from dataclasses import asdict
 
 import numpy as np
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason, split_error
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
 from groupemotion_core.media.spec import WindowPlan
+from groupemotion_core.videos import TRUTH, VideoCollector, error_counts, video_row
 from ray_jobs.predict import pipeline
 from ray_jobs.inputs import storage
 from ray_jobs.inputs.tables import URI_COLUMN, check
@@ -89,7 +90,6 @@ def evaluate(
     """Predict every video of `data`, score the labelled ones, write the report; return metrics.json."""
     from groupemotion_core.model.training import classification_metrics
     from ray_jobs.runtime.console import Progress
-    from ray_jobs.commands.infer import log_stats
     from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
     from ray_jobs.runtime.session import ensure_ray
     from ray_jobs.inputs.sources import list_inputs
@@ -108,7 +108,7 @@ def evaluate(
     errors, window_errors = collections.Counter(), collections.Counter()
     videos = windows = 0
     unread: list[str] = []  # videos the object store failed to serve
-    collector = pipeline.VideoCollector()
+    collector = VideoCollector()
     progress = Progress("eval", pipeline.video_count(uris), "videos")
     try:
         for batch in pipeline.driver_batches(predictions, stall_timeout_s):
@@ -116,23 +116,23 @@ def evaluate(
                 rows = collector.add(row)
                 if rows is None:
                     continue
-                video = pipeline.video_row(rows)
+                video = video_row(rows)
                 if storage.is_storage_failure(video[VideoRow.ERROR]):
                     unread.append(video[VideoRow.ERROR])
                 videos += 1
                 windows += video[VideoRow.WINDOWS]
-                window_errors.update(pipeline.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
+                window_errors.update(error_counts(r for r in rows if ClipRow.is_window(r[ClipRow.WINDOW])))
                 if video[VideoRow.ERROR] is not None:
-                    errors[pipeline.error_reason(video[VideoRow.ERROR])] += 1
-                elif video[pipeline.TRUTH] != UNKNOWN_LABEL:
-                    y_true.append(int(video[pipeline.TRUTH]))
+                    errors[error_reason(video[VideoRow.ERROR])] += 1
+                elif video[TRUTH] != UNKNOWN_LABEL:
+                    y_true.append(int(video[TRUTH]))
                     y_pred.append(label_index(video[VideoRow.LABEL]))
                 progress.advance(1, windows=video[VideoRow.WINDOWS], errors=int(video[VideoRow.ERROR] is not None))
     finally:
         progress.close()
-    log_stats(predictions)
+    pipeline.log_stats(predictions)
     if unread:
-        reason, _, detail = unread[0].partition(": ")
+        reason, detail = split_error(unread[0])
         raise GroupEmotionError(reason, f"{len(unread)} of {videos} videos could not be read from the object "
                                 f"store after retries (first: {detail}); no report written; run it again")
     if not y_true:

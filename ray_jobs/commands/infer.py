@@ -93,12 +93,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from dataclasses import asdict
 from typing import Any
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, split_error
 from groupemotion_core.schema import ClipRow, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
@@ -108,6 +107,7 @@ from ray_jobs.predict.pipeline import (
     PredictOptions,
     add_prediction_arguments,
     driver_batches,
+    log_stats,
     predict,
     prediction_options,
     window_plan,
@@ -206,7 +206,7 @@ def infer(
     summary.seconds = time.monotonic() - started
     if summary.units_left:
         progress.note(f"infer: {summary.line()}")
-        reason, _, detail = summary.left_error.partition(": ")
+        reason, detail = split_error(summary.left_error)
         raise GroupEmotionError(reason, f"{summary.units_left} of {len(units)} units were left for a rerun: the "
                                 f"object store failed reading them after retries (first: {detail}); the other "
                                 "units are committed; run the same command again to finish")
@@ -222,14 +222,8 @@ def _note(line: str) -> None:
 
 def _advance(progress, rows: list[dict]) -> None:
     errors = sum(r[WindowRow.ERROR] is not None for r in rows)
-    windows = sum(r[ClipRow.WINDOW] >= 0 for r in rows)
+    windows = sum(ClipRow.is_window(r[ClipRow.WINDOW]) for r in rows)
     progress.advance(1, windows=windows, errors=errors)
-
-
-def log_stats(dataset) -> None:
-    """Ray Data's per-operator statistics, where the time went, to its own log file only."""
-    logging.getLogger("ray.data").info("groupemotion: per-operator statistics\n%s", dataset.stats(),
-                                       extra={"hide": True})
 
 
 def _claim_output(output: str, model_id: str, plan: WindowPlan, overwrite: bool) -> None:

@@ -31,16 +31,15 @@ so both cores decode while the model and the readers fill the gaps.
 from __future__ import annotations
 
 import argparse
-import collections
+import logging
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
-from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, VideoRow, WindowRow
 from groupemotion_core.media.spec import WINDOW_MODES, DecodeSpec, WindowPlan
+from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, WindowRow
+from groupemotion_core.videos import TRUTH
 
-TRUTH = "truth"  # prediction rows also carry the ClipRow label index, for evaluation
 # Read tasks move bytes; they hold this share of a CPU each, within a reserve of CPUs for reading.
 READ_TASK_CPUS = 0.25
 CPUS_PER_READ_CPU = 16
@@ -94,7 +93,7 @@ class Predictor:
         # An all-null string column can reach numpy as floats (NaN), so "is an error" is "is a str".
         errors = np.array([e if isinstance(e, str) else None for e in batch[ClipRow.ERROR]], dtype=object)
         windows = np.asarray(batch[ClipRow.WINDOW])
-        ok = np.array([e is None for e in errors], dtype=bool) & (windows >= 0)  # not a marker
+        ok = np.array([e is None for e in errors], dtype=bool) & ClipRow.is_window(windows)
         probs = np.full((len(errors), len(CLASSES)), np.nan, dtype=np.float32)
         if ok.any():
             frames = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.FRAMES][ok])).to(self.device)
@@ -129,7 +128,7 @@ def predict(
     start_s and end_s, WindowRow's label, prob_* (NaN on error) and error, and TRUTH.
 
     `options` must be resolved (PredictOptions.resolved). Rows come in no particular order;
-    `VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
+    `groupemotion_core.videos.VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
     marker row (window = ClipRow.SHARD_END) comes through too. `table_reads` and `uri_column`
     are `sources.read_sources`'; `videos` counts the inputs' videos when the caller knows.
     """
@@ -161,6 +160,13 @@ def driver_batches(predictions, stall_timeout_s: float):
 
     batches = predictions.iter_batches(batch_size=None, batch_format="pyarrow")
     return watched(batches, stall_timeout_s, "no labelled window reached the driver")
+
+
+def log_stats(predictions) -> None:
+    """Ray Data's per-operator statistics of a finished prediction run, where the time went, to
+    its own log file only (infer's and eval's, after their loop over `driver_batches`)."""
+    logging.getLogger("ray.data").info("groupemotion: per-operator statistics\n%s", predictions.stats(),
+                                       extra={"hide": True})
 
 
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
@@ -199,64 +205,6 @@ def bound_object_store(sources, options: PredictOptions, videos: int | None) -> 
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.decode_cpus * per_decoder)
 
 
-class VideoCollector:
-    """Gathers prediction rows by video: `add` returns a video's rows, in window order, once all
-    of them are in (its `windows` rows, or its one WHOLE_VIDEO row). Holds only unfinished videos."""
-
-    def __init__(self):
-        self._pending: dict[str, dict[int, dict]] = {}
-
-    def add(self, row: dict) -> list[dict] | None:
-        key = row[ClipRow.KEY]
-        if row[ClipRow.WINDOW] == ClipRow.WHOLE_VIDEO:
-            return [row]
-        got = self._pending.setdefault(key, {})
-        got[row[ClipRow.WINDOW]] = row
-        if len(got) < row[ClipRow.WINDOWS]:
-            return None
-        del self._pending[key]
-        return [got[i] for i in sorted(got)]
-
-    @property
-    def unfinished(self) -> list[str]:
-        return list(self._pending)
-
-
-def video_row(rows: list[dict]) -> dict:
-    """One video's window rows -> its VideoRow values (all but `model`), and TRUTH.
-
-    The probabilities are the mean of the labelled windows' probabilities weighted by each
-    window's length (a short last window counts for less); `seconds` is the video time those
-    windows cover (overlapping windows counted once). With no labelled window the row carries
-    the first window's error.
-    """
-    first = rows[0]
-    labelled = [r for r in rows if r[WindowRow.ERROR] is None and r[ClipRow.WINDOW] >= 0]
-    out = {VideoRow.KEY: first[ClipRow.KEY], VideoRow.WINDOWS: len(labelled), TRUTH: first.get(TRUTH)}
-    if not labelled:
-        error = next(r[WindowRow.ERROR] for r in rows if r[WindowRow.ERROR] is not None)
-        return {**out, VideoRow.LABEL: None, **dict.fromkeys(PROB_COLUMNS), VideoRow.SECONDS: 0.0,
-                VideoRow.ERROR: error}
-    spans = np.array([(r[ClipRow.START_S], r[ClipRow.END_S]) for r in labelled], dtype=np.float64)
-    weights = np.maximum(spans[:, 1] - spans[:, 0], 0.0)
-    if weights.sum() <= 0:  # a video of one frame: one window of no length
-        weights = np.ones(len(labelled))
-    probs = np.array([[r[name] for name in PROB_COLUMNS] for r in labelled], dtype=np.float64)
-    mean = weights @ probs / weights.sum()
-    return {**out, VideoRow.LABEL: CLASSES[int(np.argmax(mean))], **dict(zip(PROB_COLUMNS, mean.tolist())),
-            VideoRow.SECONDS: _covered(spans), VideoRow.ERROR: None}
-
-
-def _covered(spans: np.ndarray) -> float:
-    """The length of the union of [start, end) spans."""
-    total, end = 0.0, -np.inf
-    for start, stop in sorted(map(tuple, spans)):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return float(total)
-
-
 def video_count(uris: list[str]) -> int | None:
     """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest
     and no table is among them."""
@@ -267,14 +215,6 @@ def video_count(uris: list[str]) -> int | None:
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())
-
-
-def error_reason(error: str) -> str:
-    return error.split(":", 1)[0].strip() or "unknown"
-
-
-def error_counts(rows: Iterable[dict]) -> collections.Counter:
-    return collections.Counter(error_reason(r[WindowRow.ERROR]) for r in rows if r[WindowRow.ERROR] is not None)
 
 
 # --- command line (the options `infer` and `eval` share) ------------------------------------------

@@ -14,10 +14,11 @@ A table unit's videos/ rows come in the order of its rows, keyed by the row's UR
 row's carried columns (read back from the listing's row group when the unit commits, so they
 never travel through the decoders) after the VideoRow columns, unchanged.
 
-A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
-atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
+The stream is placed, and each unit committed once, by `ray_jobs.sinks.units` (which the clip
+cache shares). A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is
+written in one atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
 `videos/` file marks the unit done; its Parquet metadata lists the unit's inputs under
-`groupemotion.inputs`, and a job starts by reading those lists to plan only what no unit holds
+`groupemotion.inputs` (the shard, or `_inputs/<part>#<row group>`), and a job starts by reading those lists to plan only what no unit holds
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
 
@@ -34,11 +35,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
-import os
-import signal
-import sys
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -49,9 +47,10 @@ import pyarrow.parquet as pq
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
+from groupemotion_core.videos import error_counts, video_row
 from ray_jobs.inputs import storage, tables
 from ray_jobs.inputs.listing import INPUTS_DIR, Listing
-from ray_jobs.predict.pipeline import VideoCollector, error_counts, video_row
+from ray_jobs.sinks import units as unit_commits
 
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
@@ -75,7 +74,7 @@ class Unit:
         return f"{PART_PREFIX}{digest}.parquet"
 
     def describe(self) -> str:
-        return self.inputs[0] if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {self.inputs[0]}"
+        return unit_commits.describe(self.inputs)
 
 
 def plan_units(listing: Listing, output: str) -> list[Unit]:
@@ -85,8 +84,14 @@ def plan_units(listing: Listing, output: str) -> list[Unit]:
         uri, last = listing.part_uri(output, i), listing.groups(i) - 1
         for g in range(last + 1):
             rows = part["rows"] - last * listing.unit_rows if g == last else listing.unit_rows
-            units.append(Unit((f"{INPUTS_DIR}/{part['name']}#{g}",), rows, uri, g))
+            units.append(Unit((f"{_part_name(part['name'])}#{g}",), rows, uri, g))
     return units
+
+
+def _part_name(name: str) -> str:
+    """How a unit's input names its part: relative to the output, so that the same output named
+    another way (a relative path) finds its committed units."""
+    return f"{INPUTS_DIR}/{name}"
 
 
 @dataclass
@@ -175,60 +180,31 @@ class LabelWriter:
         """`parts[i]` is the part URI of the stream keys' table i (`sources.read_sources`' order),
         `unit_rows` the listing's rows per row group."""
         self.units, self.output, self.model_id, self.summary = units, output, model_id, summary
-        self.parts, self.unit_rows = list(parts), unit_rows
-        self.unit_at = {(u.part, u.group): i for i, u in enumerate(units) if u.part is not None}
         self.on_video, self.on_commit = on_video, on_commit
-        self.unit_of = {uri: i for i, unit in enumerate(units) if unit.part is None for uri in unit.inputs}
-        self.collector = VideoCollector()
+        self.unit_rows = unit_rows
+        self.stream = unit_commits.UnitStream(((u.inputs, u.videos) for u in units), EXIT_AFTER_UNITS_ENV,
+                                              tables=[_part_name(posixpath.basename(p)) for p in parts],
+                                              rows_per_unit=unit_rows)
         self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
-        self.committed: set[int] = set()  # and the units left for a rerun
-        self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV, "0") or 0)
 
     def add(self, batch: pa.Table) -> None:
         for row in batch.to_pylist():
-            index = self._index(row[ClipRow.KEY])
-            if index in self.committed:
-                raise RuntimeError(f"a row of {self.units[index].describe()} came after its files were committed")
-            if row[ClipRow.WINDOW] == ClipRow.SHARD_END:
-                self.units[index].videos = row[ClipRow.WINDOWS]
-            else:
-                rows = self.collector.add(row)
-                if rows is None:
-                    continue
+            index, rows = self.stream.add(row)
+            if rows is not None:
                 self.on_video(rows)
                 unit = self.in_flight[index]
                 unit.videos.append(video_row(rows))
-                unit.windows.extend(r for r in rows if r[ClipRow.WINDOW] != ClipRow.WHOLE_VIDEO)
-            if len(self.in_flight[index].videos) == self.units[index].videos:
+                unit.windows.extend(r for r in rows if ClipRow.is_window(r[ClipRow.WINDOW]))
+            if self.stream.whole(index):
                 self._commit(index)
 
     def finish(self) -> None:
         """The stream has ended: every unit must have been committed (or left for a rerun)."""
-        left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
-        if left:
-            raise RuntimeError(
-                f"the stream ended with {len(left)} units incomplete (first: {left[0]}); "
-                f"{len(self.collector.unfinished)} videos lack windows"
-            )
-
-    def _index(self, key: str) -> int:
-        located = tables.row_of(key)
-        if located is not None:  # a row of the listing
-            return self.unit_at[(self.parts[located[1]], located[2] // self.unit_rows)]
-        if key in self.unit_of:  # a plain object, or a shard's own row (its error or its end)
-            return self.unit_of[key]
-        cut = key.rfind("/")
-        while cut > 0:  # `<shard uri>/<member key>`; a member key may contain slashes
-            if key[:cut] in self.unit_of:
-                return self.unit_of[key[:cut]]
-            cut = key.rfind("/", 0, cut)
-        raise RuntimeError(f"row {key!r} belongs to no planned input")
+        self.stream.finish()
 
     def _commit(self, index: int) -> None:
-        unit, rows = self.units[index], self.in_flight.pop(index)
-        self.committed.add(index)
-        failed = next((r[WindowRow.ERROR] for r in [*rows.videos, *rows.windows]
-                       if storage.is_storage_failure(r[WindowRow.ERROR])), None)
+        unit, rows = self.units[index], self.in_flight.pop(index, _InFlight())
+        failed = self.stream.close(index, (r[WindowRow.ERROR] for r in [*rows.videos, *rows.windows]))
         if failed is not None:
             self.summary.units_left += 1
             self.summary.left_error = self.summary.left_error or failed
@@ -240,8 +216,8 @@ class LabelWriter:
         else:
             windows, videos = self._table_unit(unit, rows)
         windows, videos = windows.replace_schema_metadata(metadata), videos.replace_schema_metadata(metadata)
-        _write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
-        _write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
+        unit_commits.write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
+        unit_commits.write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
 
         s = self.summary
         failed_videos = error_counts(rows.videos)
@@ -260,9 +236,7 @@ class LabelWriter:
             f"{windows.num_rows} windows ({sum(failed_windows.values())} failed), from {unit.describe()} "
             f"[{s.units_committed}/{s.units - s.units_skipped}]"
         )
-        if self.exit_after and s.units_committed >= self.exit_after:
-            print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.stream.committed()
 
 
     def _table_unit(self, unit: Unit, rows: _InFlight) -> tuple[pa.Table, pa.Table]:
@@ -294,7 +268,7 @@ def window_table(rows: list[dict], model_id: str) -> pa.Table:
 
 
 def video_table(rows: list[dict], model_id: str) -> pa.Table:
-    """`predict.video_row` values -> a VideoRow table in key order."""
+    """`groupemotion_core.videos.video_row` values -> a VideoRow table in key order."""
     return _table(sorted(rows, key=lambda r: r[VideoRow.KEY]), VideoRow.SCHEMA, model_id)
 
 
@@ -309,9 +283,3 @@ def _table(rows: list[dict], schema: pa.Schema, model_id: str) -> pa.Table:
         else:
             columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
     return pa.table(columns, schema=schema)
-
-
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes_atomic(uri, buffer.getvalue())

@@ -50,7 +50,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from groupemotion_core.weights.checkpoint import load_checkpoint, save_checkpoint
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason
 from groupemotion_core.model.config import ModelConfig
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.weights.pretrained import load_pretrained
@@ -150,7 +150,7 @@ class _Failures:
     def add(self, errors) -> None:
         with self._lock:
             for error in errors:
-                reason = error.split(":", 1)[0].strip() or "unknown"
+                reason = error_reason(error)
                 self.counts[reason] += 1
                 self.first.setdefault(reason, error)
 
