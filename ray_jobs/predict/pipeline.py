@@ -179,9 +179,12 @@ def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, 
     from ray_jobs.inputs.tables import URI_COLUMN
 
     concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
+    if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
+        blocks = len(uris) + len(table_reads)
+    else:
+        blocks = None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK))
     sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS, concurrency=concurrency,
-                           blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)),
-                           table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
     bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
     if not table_reads and not any(layout(uri) == "table" for uri in uris):
         return sources

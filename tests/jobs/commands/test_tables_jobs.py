@@ -138,6 +138,7 @@ def test_a_killed_job_run_again_commits_every_row_once_from_its_saved_listing(
     assert len(labels.part_files(str(output), "videos")) == len(labels.part_files(str(output), "windows")) == 3
 
 
+@pytest.mark.slow  # about 5 minutes on two busy cores; tests/jobs/inputs/test_tables.py lists in pages without Ray
 def test_an_s3_prefix_of_5000_objects_is_listed_in_pages_and_labelled_once(ray_session, s3_server, checkpoint):
     bucket, client = _bucket(s3_server)
     name = bucket[len("s3://") :]
