@@ -90,7 +90,7 @@ def _linked_folder(work: Path, clip: Path, n: int) -> Path:
     source = None
     for i in range(n):
         if i % LINKS_PER_COPY == 0:
-            source = work / f"copy-{i // LINKS_PER_COPY}.mp4"
+            source = work / f"copy-{n}-{i // LINKS_PER_COPY}.mp4"  # a copy's links are its folder's alone
             if not source.exists():
                 shutil.copyfile(clip, source)
         os.link(source, folder / f"v{i:07d}.mp4")

@@ -58,7 +58,6 @@ class Listing:
     parts: list[dict] = field(default_factory=list)  # {"name", "rows", "source"}
     shards: list[str] = field(default_factory=list)
     videos: int = 0  # rows of the parts
-    bytes: int | None = 0  # of the listed objects; None once a table is among the inputs
     pages: int = 0  # list requests (S3) or folders read (local)
     fresh: bool = False  # made by this run (not saved)
 
@@ -108,12 +107,12 @@ def _list(output: str, listing: Listing, reserved: tuple[str, ...], page_keys: i
             continue
         found = False
         lister = Lister(given, page_keys)
-        for uri, size in lister:
+        for uri in lister:
             ext = posixpath.splitext(uri)[1].lower().lstrip(".")
             if ext == "tar":
                 listing.shards.append(uri)
             elif ext in VIDEO_EXTENSIONS:
-                parts.add_video(uri, size)
+                parts.add_video(uri)
             elif tables.is_table(uri):
                 parts.add_table(uri, reserved)
             elif lister.single:
@@ -143,23 +142,20 @@ class _Parts:
         self.held = 0
         self.rows_noted = False
 
-    def add_video(self, uri: str, size: int) -> None:
+    def add_video(self, uri: str) -> None:
         if self.source != "listing":
             self.close()
             self.source = "listing"
         self.uris.append(uri)
-        self.listing.bytes = None if self.listing.bytes is None else self.listing.bytes + size
         self.held += 1
         self.rows_noted = self.held % 100_000 == 0
         if len(self.uris) == self.listing.unit_rows:
-            self._write(pa.table({tables.URI_COLUMN: pa.array(self.uris, pa.string())}))
-            self.uris = []
+            self._write_listed()
 
     def add_table(self, uri: str, reserved: tuple[str, ...]) -> None:
         """Copy a table: its URI column (as `uri`, relative paths resolved) and carried columns."""
         self.close()
         self.source = uri
-        self.listing.bytes = None
         found = tables.schema(uri, self.listing.uri_column)
         carried = tables.carried_columns(uri, found, self.listing.uri_column, self.listing.columns,
                                          (*reserved, tables.URI_COLUMN))
@@ -183,8 +179,7 @@ class _Parts:
     def close(self) -> None:
         """End the open part (a new source starts a new part)."""
         if self.uris:
-            self._write(pa.table({tables.URI_COLUMN: pa.array(self.uris, pa.string())}))
-            self.uris = []
+            self._write_listed()
         if self.writer is None:
             return
         self.writer.close()
@@ -194,6 +189,10 @@ class _Parts:
         self.listing.videos += self.rows
         self.writer = self.buffer = None
         self.rows = 0
+
+    def _write_listed(self) -> None:
+        uris, self.uris = self.uris, []
+        self._write(pa.table({tables.URI_COLUMN: pa.array(uris, pa.string())}))
 
     def _write(self, unit: pa.Table) -> None:
         """One unit: one row group of the open part."""
@@ -214,7 +213,7 @@ class _Parts:
 
 
 class Lister:
-    """The objects (uri, size) that one input names, as a stream: a folder or prefix (recursively),
+    """The objects that one input names, as a stream of URIs: a folder or prefix (recursively),
     a glob (`*` and `?` within a path segment, `**` across them, `[...]`), or one object.
     `pages` counts the list requests (S3) or folders (local) read; `single` is set when the input
     named one object."""
@@ -224,18 +223,18 @@ class Lister:
         self.pages = 0
         self.single = False
 
-    def __iter__(self) -> Iterator[tuple[str, int]]:
+    def __iter__(self) -> Iterator[str]:
         if self.uri.startswith("s3://"):
             yield from self._s3()
         else:
             yield from self._local()
 
-    def _local(self) -> Iterator[tuple[str, int]]:
+    def _local(self) -> Iterator[str]:
         path = storage.filesystem(self.uri)[1]
         pattern = _glob_pattern(path)
         if pattern is None and os.path.isfile(path):
             self.single = True
-            yield path, os.path.getsize(path)
+            yield path
             return
         root = _literal_prefix(path) if pattern else path
         if not os.path.isdir(root):
@@ -249,9 +248,9 @@ class Lister:
                     if entry.is_dir():
                         folders.append(entry.path)
                     elif entry.is_file() and (pattern is None or pattern.fullmatch(entry.path)):
-                        yield entry.path, entry.stat().st_size
+                        yield entry.path
 
-    def _s3(self) -> Iterator[tuple[str, int]]:
+    def _s3(self) -> Iterator[str]:
         fs, path = storage.filesystem(self.uri)
         bucket, _, key = path.partition("/")
         if not bucket:
@@ -259,15 +258,15 @@ class Lister:
         pattern = _glob_pattern(path)
         prefix = _literal_prefix(key) if pattern else (key.rstrip("/") + "/" if key else "")
         found = False
-        for name, size in self._pages(fs, bucket, prefix):
+        for name in self._pages(fs, bucket, prefix):
             if pattern is None or pattern.fullmatch(f"{bucket}/{name}"):
                 found = True
-                yield f"s3://{bucket}/{name}", size
+                yield f"s3://{bucket}/{name}"
         if not found and pattern is None and key and storage.exists(self.uri):
             self.single = True
-            yield self.uri, int(fs.size(path))
+            yield self.uri
 
-    def _pages(self, fs, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+    def _pages(self, fs, bucket: str, prefix: str) -> Iterator[str]:
         token = None
         while True:
             more = {"ContinuationToken": token} if token else {}
@@ -276,7 +275,7 @@ class Lister:
             self.pages += 1
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/"):
-                    yield item["Key"], int(item.get("Size") or 0)
+                    yield item["Key"]
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

@@ -116,7 +116,7 @@ def test_an_s3_prefix_is_listed_in_pages_and_a_folder_and_a_glob_locally(s3_buck
     listed = listing.plan(out, [f"{s3_bucket}/videos/"], unit_rows=4, page_keys=10)
 
     assert listed.pages == 3  # 27 keys, 10 a request
-    assert (listed.videos, listed.bytes, listed.shards) == (25, sum(range(25)), [f"{s3_bucket}/videos/shards/shard-000000.tar"])
+    assert (listed.videos, listed.shards) == (25, [f"{s3_bucket}/videos/shards/shard-000000.tar"])
     uris = pq.read_table(listed.part_uri(out, 0)).column("uri").to_pylist()
     assert uris == [f"{s3_bucket}/videos/{i:03d}.mp4" for i in range(25)]  # S3 lists in key order
     assert json.loads(storage.read_bytes(f"{out}/_inputs/_LISTED.json"))["pages"] == 3
@@ -132,3 +132,16 @@ def test_an_s3_prefix_is_listed_in_pages_and_a_folder_and_a_glob_locally(s3_buck
         str(tmp_path / "v" / "a" / "1.mp4")]
     with pytest.raises(GroupEmotionError, match="not_found: no videos"):
         listing.plan(str(tmp_path / "o3"), [str(tmp_path / "v" / "*.txt")])
+
+
+def test_a_long_listing_is_cut_into_parts_of_whole_units(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "UNITS_PER_PART", 2)
+    for i in range(9):
+        (tmp_path / f"{i}.mp4").write_bytes(b"x")
+    out = str(tmp_path / "out")
+
+    listed = listing.plan(out, [str(tmp_path)], unit_rows=2)
+
+    assert [p["rows"] for p in listed.parts] == [4, 4, 1] and listed.videos == 9
+    uris = [u for i in range(3) for u in pq.read_table(listed.part_uri(out, i)).column("uri").to_pylist()]
+    assert sorted(uris) == sorted(str(tmp_path / f"{i}.mp4") for i in range(9))
