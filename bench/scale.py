@@ -12,7 +12,8 @@ embedded Ray:
 and measured from /proc (no sampling gaps: the kernel keeps each process's peak RSS, VmHWM):
 seconds from the start to the first committed unit (a file in OUT/videos/), the driver's and the
 raylet's peak RSS, and the driver's CPU while streaming: CPU-seconds over the --stream-s seconds
-after the first unit, as a share of one core and per 1,000 videos committed in that window.
+after the first unit, as a share of one core and per 1,000 videos committed in that window
+(counted as 256 a unit).
 The job is then stopped (each of its processes, by id): a million videos take hours to label on
 two cores, and what is measured here is what grows with N, not the labelling rate.
 
@@ -107,28 +108,29 @@ def _run_job(folder: Path, output: Path, args) -> dict:
     started = time.monotonic()
     driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     seen: dict[int, str] = {}  # every process of the job: to read their peaks and stop them
-    first = window_end = None
-    cpu_at_first = units_at_first = 0
+    first = window_start = None
+    cpu = cpu_at_first = units = units_at_first = 0
     figures: dict = {}
     try:
         while driver.poll() is None and time.monotonic() - started < args.timeout_s:
             seen.update(_descendants(driver.pid))
             _peaks(driver.pid, seen, figures)
+            cpu = _cpu_s(driver.pid) or cpu  # the last reading before the driver ends
             units = len(list((output / "videos").glob("part-*.parquet"))) if (output / "videos").exists() else 0
             if first is None and units:
                 first = time.monotonic() - started
-                cpu_at_first, units_at_first = _cpu_s(driver.pid), units
-                window_end = time.monotonic() + args.stream_s
-            if window_end is not None and time.monotonic() >= window_end:
-                cpu = _cpu_s(driver.pid) - cpu_at_first
-                videos = (units - units_at_first) * 256
-                figures.update(driver_cpu_core_streaming=round(cpu / args.stream_s, 4),
-                               driver_cpu_s_per_1000_videos=round(1000 * cpu / videos, 3) if videos else None,
-                               videos_committed_in_window=videos)
+                cpu_at_first, units_at_first, window_start = cpu, units, time.monotonic()
+            if window_start is not None and time.monotonic() - window_start >= args.stream_s:
                 break
             time.sleep(0.5)
+        if window_start is not None:  # the window, or as much of it as the job lasted
+            window = time.monotonic() - window_start
+            videos = (units - units_at_first) * 256
+            figures.update(driver_cpu_core_streaming=round((cpu - cpu_at_first) / window, 4), streamed_s=round(window, 1),
+                           driver_cpu_s_per_1000_videos=round(1000 * (cpu - cpu_at_first) / videos, 3) if videos else None,
+                           videos_committed_in_window=videos)
         figures["first_unit_s"] = None if first is None else round(first, 1)
-        figures["driver_cpu_s_total"] = round(_cpu_s(driver.pid), 1)
+        figures["driver_cpu_s_total"] = round(cpu, 1)
     finally:
         _stop([driver.pid, *seen])
         driver.wait()

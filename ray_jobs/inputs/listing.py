@@ -122,7 +122,7 @@ def _list(output: str, listing: Listing, reserved: tuple[str, ...], page_keys: i
                 continue
             found = True
             if parts.rows_noted:
-                note(f"listing: {listing.videos + parts.held} videos so far ({given})")
+                note(f"listing: {parts.held} videos so far ({given})")
         listing.pages += lister.pages
         if not found:
             raise GroupEmotionError("not_found", f"no videos, .tar shards or tables at {given}")

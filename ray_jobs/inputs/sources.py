@@ -14,7 +14,11 @@ Two layouts, told apart by file extension:
   named by its `uri` column, labelled by its `label` column. A read task streams one table (or
   the row groups asked for) and gives rows without their bytes: fetching them is a stage of its
   own (`fetch_stage`), so that a table of millions of rows is planned as one task and read at the
-  speed the fetchers and decoders take it. The key of a row is `tables.row_key`.
+  speed the fetchers and decoders take it. The key of a row is `tables.row_key`. The tables are
+  read by this Datasource with pyarrow's streaming readers rather than by Ray Data's
+  `read_parquet`/`read_csv`/`read_json`, because a row must keep its position in its table (the
+  inference job's units are runs of consecutive rows, and a rerun reads only the row groups of
+  the units still to do), which those readers do not give.
 
 Each input URI may be a folder or prefix, a glob, one object, or a `manifest.json` written by
 pack. One custom `ray.data.Datasource` plans the reads: one read task per shard, one per small
