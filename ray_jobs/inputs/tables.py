@@ -25,6 +25,7 @@ rows and the inference writer finds a row's unit without a lookup table of every
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Iterator
 
@@ -54,15 +55,15 @@ def is_table(uri: str) -> bool:
 def schema(uri: str, uri_column: str) -> pa.Schema:
     """The table's columns, as the job will read them; a clear error when the file is no table or
     has no `uri_column`."""
-    with _batches(uri, uri_column, (uri_column,)) as (found, _):
+    with _OpenTable(uri, uri_column, (uri_column,)) as (found, _):
         return found
 
 
 def check(uris: list[str], uri_column: str, *, labelled: bool = False) -> None:
     """Raise the table mistakes (`schema`) of the tables among `uris` (inputs as given), and with
     `labelled` a table without a `label` column: the checks a job makes before Ray starts."""
-    for uri in uris:
-        if is_table(uri) and LABEL_COLUMN not in schema(uri, uri_column).names and labelled:
+    for uri in filter(is_table, uris):
+        if LABEL_COLUMN not in schema(uri, uri_column).names and labelled:
             raise GroupEmotionError("bad_table", f"{uri} has no `{LABEL_COLUMN}` column: training needs a label "
                                     "per video (a class name or a VGAF number)")
 
@@ -73,11 +74,11 @@ def batches(uri: str, uri_column: str, text_columns: tuple[str, ...] = (), colum
     batch's first row in the table: `columns` only (all when None; names the table lacks are left
     out), `uri_column` and `text_columns` as strings. `row_groups` (Parquet only) reads just
     those row groups."""
-    with _batches(uri, uri_column, (uri_column, *text_columns), columns, row_groups) as (_, found):
+    with _OpenTable(uri, uri_column, (uri_column, *text_columns), columns, row_groups) as (_, found):
         yield from found
 
 
-class _batches:
+class _OpenTable:
     """A context manager around one open table: (schema, batch iterator); file errors -> bad_table."""
 
     def __init__(self, uri: str, uri_column: str, text: tuple[str, ...], columns: list[str] | None = None,
@@ -190,8 +191,6 @@ def resolve(value: str | None, table: str) -> tuple[str | None, str | None]:
 
 
 def _local_dir(table: str) -> str:
-    import os
-
     return os.path.dirname(os.path.abspath(storage.filesystem(table)[1]))
 
 
