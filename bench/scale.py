@@ -45,7 +45,7 @@ CLOCK = os.sysconf("SC_CLK_TCK")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 100_000], help="folder sizes (none: S3 only)")
     parser.add_argument("--stream-s", type=float, default=60.0, help="seconds of streaming measured after the first unit")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="give up on a size after this long")
     parser.add_argument("--s3-objects", type=int, default=0, help="also list an S3 (moto) prefix of this many objects")
@@ -68,7 +68,7 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    base = results[str(args.sizes[0])]
+    base = results[str(args.sizes[0])] if args.sizes else {}
     for figures in results.values():
         for name in ("first_unit_s", "driver_peak_rss_mib", "raylet_peak_rss_mib"):
             if base.get(name) and figures.get(name) is not None:
