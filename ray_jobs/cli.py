@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ray_jobs.commands.train", "fine-tune the model end to end with Ray Train (DDP)"),
     "eval": ("ray_jobs.commands.evaluate", "evaluate a checkpoint on labelled data: metrics JSON, confusion PNG"),
     "infer": ("ray_jobs.commands.infer", "label videos with a checkpoint and write Parquet (exactly once)"),
+    "report": ("ray_jobs.commands.report", "write a page (HTML and pictures) about the labels infer wrote"),
     "quickstart": ("ray_jobs.commands.quickstart", "generate data, train, label and evaluate, all locally"),
     "weights": ("ray_jobs.commands.weights", "convert pretrained encoder weights from a PyTorch pickle to safetensors"),
 }

@@ -89,13 +89,10 @@ from groupemotion_core.schema import ClipRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
 from ray_jobs.inputs import storage
-from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
+from ray_jobs.sinks.labels import JOB_FILE, SUCCESS_FILE, LabelWriter, Summary, plan_units
 from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
 from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict, video_count
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
-
-JOB_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS"
 
 
 def infer(

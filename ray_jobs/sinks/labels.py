@@ -36,6 +36,8 @@ from ray_jobs.sinks import units as unit_commits
 OBJECTS_PER_UNIT = 256
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
+JOB_FILE = "_job.json"  # the resolved run: model, inputs, window plan, options (`groupemotion infer`)
+SUCCESS_FILE = "_SUCCESS"  # the run's summary, written once every unit is committed
 PART_PREFIX = "part-"
 INPUTS_METADATA_KEY = b"groupemotion.inputs"
 EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"
