@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from groupemotion_core.weights.checkpoint import save_checkpoint
 from ray_jobs.cli import main
 from ray_jobs.commands.pack import pack
 from ray_jobs.commands.report import report
-from ray_jobs.report.scan import scan
+from ray_jobs.report.scan import TopK, scan
 from ray_jobs.sinks import labels
 
 SMALL = dict(width=64, height=48, fps=4.0)
@@ -153,6 +154,17 @@ def test_the_counts_do_not_depend_on_how_the_rows_are_batched(written):
     whole = scan(str(written), top=2, timelines=1).to_dict()
     assert scan(str(written), top=2, timelines=1, batch_rows=1).to_dict() == whole
     assert scan(str(written), top=2, timelines=1, batch_rows=3).to_dict() == whole
+
+
+def test_top_k_keeps_the_best_and_breaks_ties_by_key_however_the_stream_is_cut():
+    scores = np.array([5.0, 15.0, 15.0, 5.0, 15.0, 600.0, 15.0, np.nan])
+    keys = pa.array(list("gfedcbah"))
+    for order in (list(range(8)), list(range(7, -1, -1)), [3, 0, 6, 1, 7, 5, 2, 4]):
+        for pieces in (1, 3, 8):
+            top = TopK(3)
+            for chunk in np.array_split(np.array(order), pieces):
+                top.offer(scores[chunk], keys.take(pa.array(chunk, pa.int64())))
+            assert top.items == [(600.0, "b"), (15.0, "a"), (15.0, "c")]
 
 
 def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tmp_path, capsys):
