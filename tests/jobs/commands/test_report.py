@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS
@@ -32,7 +33,8 @@ from groupemotion_core.weights.checkpoint import save_checkpoint
 from ray_jobs.cli import main
 from ray_jobs.commands.pack import pack
 from ray_jobs.commands.report import report
-from ray_jobs.report.scan import TopK, scan
+from ray_jobs.inputs import storage
+from ray_jobs.report.scan import TopK, check_output, scan
 from ray_jobs.sinks import labels
 
 SMALL = dict(width=64, height=48, fps=4.0)
@@ -154,6 +156,13 @@ def test_the_counts_do_not_depend_on_how_the_rows_are_batched(written):
     whole = scan(str(written), top=2, timelines=1).to_dict()
     assert scan(str(written), top=2, timelines=1, batch_rows=1).to_dict() == whole
     assert scan(str(written), top=2, timelines=1, batch_rows=3).to_dict() == whole
+
+
+def test_an_output_on_s3_reads_as_the_same_output(written, s3_bucket):
+    storage.upload_dir(str(written), f"{s3_bucket}/labels")
+    assert scan(f"{s3_bucket}/labels", top=2).to_dict() == scan(str(written), top=2).to_dict()
+    with pytest.raises(GroupEmotionError, match="no videos/part-"):
+        check_output(s3_bucket)
 
 
 def test_top_k_keeps_the_best_and_breaks_ties_by_key_however_the_stream_is_cut():
