@@ -37,6 +37,9 @@ BATCH_ROWS = 65536
 # enough that memory stays a few batches.
 FILES_AHEAD = 8
 BATCHES_AHEAD = 2
+# A dataset keeps each file's Parquet footer once it has read it (tens of KiB): one dataset per
+# this many files, so that memory does not grow with the number of files.
+FILES_PER_DATASET = 64
 
 VIDEO_COLUMNS = [VideoRow.KEY, VideoRow.LABEL, *PROB_COLUMNS, VideoRow.WINDOWS, VideoRow.SECONDS, VideoRow.ERROR]
 WINDOW_COLUMNS = [WindowRow.KEY, WindowRow.WINDOW, WindowRow.START_S, WindowRow.END_S, WindowRow.LABEL,
@@ -171,14 +174,16 @@ def _batches(output: str, folder: str, columns: list[str], batch_rows: int) -> I
     where = storage.join(output, folder)
     try:
         with storage.classified(where):
-            dataset = pads.dataset([storage.filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
-            missing = [c for c in columns if c not in dataset.schema.names]
-            if missing:
-                raise GroupEmotionError("not_labels", f"{where} is not a labels dataset of `groupemotion infer`: "
-                                        f"it has no column {', '.join(missing)}")
-            yield from _coalesced(dataset.to_batches(columns=columns, batch_size=batch_rows,
-                                                     batch_readahead=BATCHES_AHEAD, fragment_readahead=FILES_AHEAD),
-                                  batch_rows)
+            for first in range(0, len(files), FILES_PER_DATASET):
+                group = [storage.filesystem(f)[1] for f in files[first : first + FILES_PER_DATASET]]
+                dataset = pads.dataset(group, format="parquet", filesystem=fs)
+                missing = [c for c in columns if c not in dataset.schema.names]
+                if missing:
+                    raise GroupEmotionError("not_labels", f"{where} is not a labels dataset of `groupemotion "
+                                            f"infer`: it has no column {', '.join(missing)}")
+                yield from _coalesced(dataset.to_batches(columns=columns, batch_size=batch_rows,
+                                                         batch_readahead=BATCHES_AHEAD,
+                                                         fragment_readahead=FILES_AHEAD), batch_rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise GroupEmotionError("bad_output", f"{where}: a part file cannot be read as labels: {e}") from None
 

@@ -196,6 +196,9 @@ def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tm
     (other / "part-0.parquet").write_bytes(b"not parquet at all")
     assert error(other.parent).startswith(f"error: bad_output: {other}: ")
     assert not (tmp_path / "page").exists()
+    (tmp_path / "page").write_text("")
+    assert main(["report", str(written), "--out", str(tmp_path / "page")]) == 2
+    assert capsys.readouterr().err == f"error: bad_out: --out {tmp_path / 'page'} is a file, not a folder\n"
 
 
 @pytest.fixture(scope="module")
