@@ -128,6 +128,8 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if storage.is_remote(args.out):
         raise GroupEmotionError("bad_uri", f"--out {args.out}: the report is written to a local folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise GroupEmotionError("bad_out", f"--out {args.out} is a file, not a folder")
     from ray_jobs.runtime.console import Progress
 
     progress: list[Progress] = []  # started with the first rows: a refused LABELS prints only its error

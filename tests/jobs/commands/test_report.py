@@ -17,12 +17,14 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS
@@ -31,7 +33,8 @@ from groupemotion_core.weights.checkpoint import save_checkpoint
 from ray_jobs.cli import main
 from ray_jobs.commands.pack import pack
 from ray_jobs.commands.report import report
-from ray_jobs.report.scan import scan
+from ray_jobs.inputs import storage
+from ray_jobs.report.scan import TopK, check_output, scan
 from ray_jobs.sinks import labels
 
 SMALL = dict(width=64, height=48, fps=4.0)
@@ -155,6 +158,24 @@ def test_the_counts_do_not_depend_on_how_the_rows_are_batched(written):
     assert scan(str(written), top=2, timelines=1, batch_rows=3).to_dict() == whole
 
 
+def test_an_output_on_s3_reads_as_the_same_output(written, s3_bucket):
+    storage.upload_dir(str(written), f"{s3_bucket}/labels")
+    assert scan(f"{s3_bucket}/labels", top=2).to_dict() == scan(str(written), top=2).to_dict()
+    with pytest.raises(GroupEmotionError, match="no videos/part-"):
+        check_output(s3_bucket)
+
+
+def test_top_k_keeps_the_best_and_breaks_ties_by_key_however_the_stream_is_cut():
+    scores = np.array([5.0, 15.0, 15.0, 5.0, 15.0, 600.0, 15.0, np.nan])
+    keys = pa.array(list("gfedcbah"))
+    for order in (list(range(8)), list(range(7, -1, -1)), [3, 0, 6, 1, 7, 5, 2, 4]):
+        for pieces in (1, 3, 8):
+            top = TopK(3)
+            for chunk in np.array_split(np.array(order), pieces):
+                top.offer(scores[chunk], keys.take(pa.array(chunk, pa.int64())))
+            assert top.items == [(600.0, "b"), (15.0, "a"), (15.0, "c")]
+
+
 def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tmp_path, capsys):
     def error(path) -> str:
         assert main(["report", str(path), "--out", str(tmp_path / "page")]) == 2
@@ -175,6 +196,9 @@ def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tm
     (other / "part-0.parquet").write_bytes(b"not parquet at all")
     assert error(other.parent).startswith(f"error: bad_output: {other}: ")
     assert not (tmp_path / "page").exists()
+    (tmp_path / "page").write_text("")
+    assert main(["report", str(written), "--out", str(tmp_path / "page")]) == 2
+    assert capsys.readouterr().err == f"error: bad_out: --out {tmp_path / 'page'} is a file, not a folder\n"
 
 
 @pytest.fixture(scope="module")
