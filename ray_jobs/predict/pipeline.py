@@ -112,21 +112,25 @@ def predict(
     *,
     labels_csv: str | None = None,
     shard_ends: bool = False,
+    table_reads=(),
+    uri_column: str | None = None,
+    videos: int | None = None,
 ):
     """Inputs -> a lazy Dataset of window prediction rows: the ClipRow key, window, windows,
     start_s and end_s, WindowRow's label, prob_* (NaN on error) and error, and TRUTH.
 
     `options` must be resolved (PredictOptions.resolved). Rows come in no particular order;
     `groupemotion_core.videos.VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
-    marker row (window = ClipRow.SHARD_END) comes through too.
+    marker row (window = ClipRow.SHARD_END) comes through too. `table_reads` and `uri_column`
+    are `sources.read_sources`'; `videos` counts the inputs' videos when the caller knows.
     """
     import ray.data
 
     from ray_jobs.decode.stage import decode_dataset
 
-    videos = video_count(uris)
-    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends)
-    bound_object_store(sources, options, videos)
+    videos = video_count(uris) if videos is None and not table_reads else videos
+    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends,
+                         table_reads=table_reads, uri_column=uri_column)
     clips = decode_dataset(sources, spec, plan, num_cpus=1, actors=options.decode_cpus)
     gpus = options.gpus_per_actor or 0
     return clips.map_batches(
@@ -158,15 +162,25 @@ def log_stats(predictions) -> None:
 
 
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
-               shard_ends: bool = False):
+               shard_ends: bool = False, table_reads=(), uri_column: str | None = None):
     """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
     VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
-    task at a time per DECODERS_PER_READ_TASK decode actors, each in the CPUs the fixed pools leave."""
-    from ray_jobs.inputs.sources import read_sources
+    task (and one fetch task for a table's rows) at a time per DECODERS_PER_READ_TASK decode
+    actors, each in the CPUs the fixed pools leave, the whole held to `bound_object_store`."""
+    from ray_jobs.inputs.sources import fetch_stage, layout, read_sources
+    from ray_jobs.inputs.tables import URI_COLUMN
 
-    return read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
-                        concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
-                        blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
+    concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
+    if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
+        blocks = len(uris) + len(table_reads)
+    else:
+        blocks = None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK))
+    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS, concurrency=concurrency,
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
+    bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
+    if not table_reads and not any(layout(uri) == "table" for uri in uris):
+        return sources
+    return fetch_stage(sources, num_cpus=READ_TASK_CPUS, concurrency=concurrency)
 
 
 def bound_object_store(sources, options: PredictOptions, videos: int | None) -> None:
@@ -187,9 +201,12 @@ def bound_object_store(sources, options: PredictOptions, videos: int | None) -> 
 
 
 def video_count(uris: list[str]) -> int | None:
-    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest."""
+    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest
+    and no table is among them."""
     from ray_jobs.inputs.sources import layout, shard_videos
 
+    if any(layout(uri) == "table" for uri in uris):
+        return None
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())
