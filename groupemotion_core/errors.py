@@ -10,7 +10,8 @@ from __future__ import annotations
 
 
 class GroupEmotionError(Exception):
-    """A user-facing failure with a stable reason code (e.g. "not_media", "bad_checkpoint")."""
+    """A user-facing failure with a stable reason code (e.g. "not_media", "bad_checkpoint").
+    `str()` of it is the `<reason>: <detail>` value a row's `error` carries (`split_error` reads it)."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -65,11 +65,12 @@ def video_row(rows: list[dict]) -> dict:
     probs = np.array([[r[name] for name in PROB_COLUMNS] for r in labelled], dtype=np.float64)
     mean = weights @ probs / weights.sum()
     return {**out, VideoRow.LABEL: CLASSES[int(np.argmax(mean))], **dict(zip(PROB_COLUMNS, mean.tolist())),
-            VideoRow.SECONDS: _covered(spans), VideoRow.ERROR: None}
+            VideoRow.SECONDS: covered_seconds(spans), VideoRow.ERROR: None}
 
 
-def _covered(spans: np.ndarray) -> float:
-    """The length of the union of [start, end) spans."""
+def covered_seconds(spans: Iterable[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) spans: the video time some window covers, with
+    overlapping windows counted once (`videos/`'s `seconds`, and `groupemotion decode`'s)."""
     total, end = 0.0, -np.inf
     for start, stop in sorted(map(tuple, spans)):
         if stop > end:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from groupemotion_core.errors import GroupEmotionError
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ray_jobs.commands.train", "fine-tune the model end to end with Ray Train (DDP)"),
     "eval": ("ray_jobs.commands.evaluate", "evaluate a checkpoint on labelled data: metrics JSON, confusion PNG"),
     "infer": ("ray_jobs.commands.infer", "label videos with a checkpoint and write Parquet (exactly once)"),
+    "report": ("ray_jobs.commands.report", "write a page (HTML and pictures) about the labels infer wrote"),
     "quickstart": ("ray_jobs.commands.quickstart", "generate data, train, label and evaluate, all locally"),
     "weights": ("ray_jobs.commands.weights", "convert pretrained encoder weights from a PyTorch pickle to safetensors"),
 }
@@ -38,6 +40,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         epilog="Run `groupemotion COMMAND --help` for a command's options. "
         "Jobs use the Ray cluster in RAY_ADDRESS, or start a local one when it is unset.",
     )
+    # The installed distribution's version (pyproject.toml): one place says it.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('groupemotion')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = _chosen(argv)
     for name, (module_name, summary) in COMMANDS.items():

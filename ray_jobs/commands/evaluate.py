@@ -19,7 +19,7 @@ DIR (a local folder) receives:
 
     metrics.json          `groupemotion_core.model.training.classification_metrics` over the videos with
                           a known label and at least one labelled window, plus precision/F1 per
-                          class, the model id, the data, the window plan, and how many videos were
+                          class, the model id (and for a hub model its commit), the data, the window plan, and how many videos were
                           unlabelled or failed (errors by reason; failed windows apart)
     confusion_matrix.png  as the paper's Fig. 2: counts and row-normalised percentages, true class
                           on the rows, predicted class on the columns
@@ -51,12 +51,13 @@ from groupemotion_core.media.spec import WindowPlan
 from groupemotion_core.videos import TRUTH, VideoCollector, error_counts, video_row
 from ray_jobs.predict import pipeline
 from ray_jobs.inputs import storage
+from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 from ray_jobs.inputs.tables import URI_COLUMN, check
-from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pipeline.add_prediction_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
     parser.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
@@ -67,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
-        metrics = evaluate(args.inputs, args.model, args.report, pipeline.prediction_options(args),
-                           plan=pipeline.window_plan(args), labels_csv=args.labels, uri_column=args.uri_column,
+        metrics = evaluate(args.inputs, args.model, args.report, prediction_options(args),
+                           plan=window_plan(args), labels_csv=args.labels, uri_column=args.uri_column,
                            verbose=args.verbose, stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)
@@ -101,8 +102,8 @@ def evaluate(
     uris = list_inputs(data)
     check(uris, uri_column)  # a table's mistakes show before Ray starts
     ensure_ray(verbose=verbose)
-    predictions = pipeline.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv,
-                                   uri_column=uri_column)
+    predictions = pipeline.predict(uris, info["pinned_ref"], cfg.decode_spec(), plan, options.resolved(),
+                                   labels_csv=labels_csv, uri_column=uri_column)
 
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()
@@ -146,6 +147,7 @@ def evaluate(
         per_class=per_class(confusion),
         model_id=info["model_id"],
         model_ref=model_ref,
+        model_hub=info["hub"],
         data=list(data),
         labels_csv=labels_csv,
         window_plan=asdict(plan),

@@ -9,8 +9,10 @@ INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manife
 s3:// (the layouts of `ray_jobs.inputs.sources`), or tables of videos (`.parquet`, `.csv`,
 `.jsonl`, or a folder/prefix of them: `ray_jobs.inputs.tables`) with a `uri` column
 (`--uri-column NAME` for another name); every other column of a table (`--columns a,b` to
-choose) is carried unchanged into its videos/ rows, after the columns below. REF: a checkpoint directory or URI, or preset:tiny /
-preset:paper for random weights (smoke tests and benchmarks only). The job runs on the Ray
+choose) is carried unchanged into its videos/ rows, after the columns below. REF: a checkpoint
+directory or URI, a checkpoint on the Hugging Face hub, hf-hub:OWNER/REPO[@REVISION] (resolved to
+one commit; offline from the HF cache with HF_HUB_OFFLINE=1), or preset:tiny / preset:paper for
+random weights (smoke tests and benchmarks only). The job runs on the Ray
 cluster in RAY_ADDRESS, or on a local Ray it starts when that is unset; `ray job submit -- python
 -m ray_jobs.commands.infer ARGS` runs the same thing on a cluster.
 
@@ -24,7 +26,8 @@ Output (OUTPUT is a local folder or an s3:// prefix):
 
     OUTPUT/windows/part-<16 hex>.parquet  one row per window (`schema.WindowRow`)
     OUTPUT/videos/part-<16 hex>.parquet   one row per input video, failed ones too (`schema.VideoRow`)
-    OUTPUT/_job.json                      the resolved run: model id and config, inputs, window plan,
+    OUTPUT/_job.json                      the resolved run: model id and config (for a hub model, the
+                                          commit and the weights' sha256), inputs, window plan,
                                           options, decode spec
     OUTPUT/_SUCCESS                       written last, holding the summary, once every unit is committed
 
@@ -102,20 +105,10 @@ from groupemotion_core.schema import ClipRow, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
 from ray_jobs.inputs import listing, storage, tables
-from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
-from ray_jobs.predict.pipeline import (
-    PredictOptions,
-    add_prediction_arguments,
-    driver_batches,
-    log_stats,
-    predict,
-    prediction_options,
-    window_plan,
-)
-from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
-
-JOB_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS"
+from ray_jobs.sinks.labels import JOB_FILE, SUCCESS_FILE, LabelWriter, Summary, plan_units
+from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 
 
 def infer(
@@ -169,6 +162,7 @@ def infer(
     _write_json(storage.join(output, JOB_FILE), {
         "model_id": info["model_id"],
         "model_ref": model_ref,
+        "model_hub": info["hub"],
         "model_config": cfg.to_dict(),
         "decode_spec": asdict(cfg.decode_spec()),
         "window_plan": asdict(plan),
@@ -194,8 +188,8 @@ def infer(
     )
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note, parts=[r.uri for r in reads], unit_rows=listed.unit_rows)
-    predictions = predict(shards, model_ref, cfg.decode_spec(), plan, options, shard_ends=True, table_reads=reads,
-                          videos=videos)
+    predictions = predict(shards, info["pinned_ref"], cfg.decode_spec(), plan, options, shard_ends=True,
+                          table_reads=reads, videos=videos)
     try:
         for batch in driver_batches(predictions, stall_timeout_s):
             writer.add(batch)

@@ -52,6 +52,7 @@ cut short in storage (which gives its clips so far and one `bad_shard` row) stil
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -184,6 +185,35 @@ def shard_videos(shards: list[str]) -> dict[str, int]:
         except (ValueError, KeyError, TypeError) as e:
             raise GroupEmotionError("bad_manifest", f"{manifest}: {e}") from None
     return {uri: counts[uri] for uri in shards if uri in counts}
+
+
+def read_videos(keys: list[str], max_video_bytes: int = DecodeSpec().max_input_bytes) -> Iterator[dict]:
+    """SourceRows of the videos that rows of a job named by `keys`, read again (a report shows
+    their frames): a plain object directly, the members of one shard by streaming it once, up to
+    the last member wanted. A key that is not there any more gives a row with its `error`."""
+    shards: dict[str, set[str]] = {}
+    for key in dict.fromkeys(keys):
+        cut = key.find(".tar/")
+        if layout(key) == "video" or cut < 0:
+            try:
+                yield _row(key, storage.read_bytes(key, max_bytes=max_video_bytes), None)
+            except GroupEmotionError as e:
+                yield _row(key, None, None, str(e))
+        else:
+            shards.setdefault(key[: cut + len(".tar")], set()).add(key)
+    for shard, wanted in shards.items():
+        with contextlib.closing(_shard_rows(shard, max_video_bytes)) as rows:
+            for row in rows:
+                if row[SourceRow.KEY] == shard:  # the shard failed part way: its error is theirs
+                    yield from (_row(key, None, None, row[SourceRow.ERROR]) for key in sorted(wanted))
+                    wanted = set()
+                elif row[SourceRow.KEY] in wanted:
+                    wanted.discard(row[SourceRow.KEY])
+                    yield row
+                if not wanted:
+                    break
+        yield from (_row(key, None, None, f"not_found: {shard} has no member {key[len(shard) + 1:]}")
+                    for key in sorted(wanted))
 
 
 def layout(uri: str) -> str | None:

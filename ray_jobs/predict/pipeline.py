@@ -30,13 +30,12 @@ so both cores decode while the model and the readers fill the gaps.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from groupemotion_core.media.spec import WINDOW_MODES, DecodeSpec, WindowPlan
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, WindowRow
 from groupemotion_core.videos import TRUTH
 
@@ -84,25 +83,18 @@ class Predictor:
 
         from ray_jobs.predict.model_ref import load_model_ref
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model_ref(model_ref, warn=False)[0].to(self.device)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_model_ref(model_ref, warn=False)[0].to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         # An all-null string column can reach numpy as floats (NaN), so "is an error" is "is a str".
         errors = np.array([e if isinstance(e, str) else None for e in batch[ClipRow.ERROR]], dtype=object)
         windows = np.asarray(batch[ClipRow.WINDOW])
         ok = np.array([e is None for e in errors], dtype=bool) & ClipRow.is_window(windows)
         probs = np.full((len(errors), len(CLASSES)), np.nan, dtype=np.float32)
         if ok.any():
-            frames = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.FRAMES][ok])).to(self.device)
-            audio = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.AUDIO][ok])).to(self.device)
-            audio_len = torch.from_numpy(batch[ClipRow.AUDIO_LEN][ok].astype(np.int64)).to(self.device)
-            on_gpu = self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=on_gpu):
-                logits = self.model(frames, audio, audio_len)
-            probs[ok] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            probs[ok] = self.model.probabilities(batch[ClipRow.FRAMES][ok], batch[ClipRow.AUDIO][ok],
+                                                 batch[ClipRow.AUDIO_LEN][ok])
         names = np.array(CLASSES, dtype=object)[np.argmax(np.nan_to_num(probs, nan=0.0), axis=1)]
         passed = (ClipRow.KEY, ClipRow.WINDOW, ClipRow.WINDOWS, ClipRow.START_S, ClipRow.END_S)
         out = {name: batch[name] for name in passed}
@@ -218,49 +210,3 @@ def video_count(uris: list[str]) -> int | None:
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())
-
-
-# --- command line (the options `infer` and `eval` share) ------------------------------------------
-
-
-def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="tar shards, videos, folders, prefixes, globs, manifests")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint folder or URI, or preset:tiny|paper (random weights)")
-    parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
-                        help="all: windows over the whole video (default); first: one window from 0")
-    parser.add_argument("--stride", type=_positive_float, metavar="S",
-                        help="seconds between window starts (default: the model's clip length)")
-    parser.add_argument("--max-windows", type=_positive_int, metavar="K",
-                        help="at most K windows per video, spread evenly over it")
-    parser.add_argument("--batch-size", type=_positive_int, default=PredictOptions.batch_size,
-                        help="windows per model call")
-    parser.add_argument("--actors", type=_positive_int, help="model actors (default: one per GPU, or 1 without GPUs)")
-    parser.add_argument("--gpus-per-actor", type=float,
-                        help="GPUs per model actor (default: 1 with GPUs, else 0 = CPU)")
-    parser.add_argument("--decode-cpus", type=_positive_int,
-                        help="one-CPU decode actors (default: every CPU the model actors and readers leave)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log output on the console")
-
-
-def prediction_options(args: argparse.Namespace) -> PredictOptions:
-    return PredictOptions(args.batch_size, args.actors, args.gpus_per_actor, args.decode_cpus)
-
-
-def window_plan(args: argparse.Namespace) -> WindowPlan:
-    return WindowPlan(args.windows, args.stride, args.max_windows)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value

@@ -1,5 +1,10 @@
 """Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
-input unit, committed when the unit is complete, in whatever order units complete.
+input unit (one tar shard, or a group of up to OBJECTS_PER_UNIT plain video objects), committed
+when the unit is complete, in whatever order units complete. How a unit is known complete in a
+stream of no order, how a unit a store failure touched is left for a rerun
+(`Summary.units_left`), and the fault-injection kill (GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N) are
+`ray_jobs.sinks.units`, which the clip cache shares; the driver holds the rows of the units in
+flight only.
 
 The unit of work is an input unit: one tar shard, or one row group of the job's saved listing
 (`ray_jobs.inputs.listing`: consecutive rows of one table, or of the listed plain objects). A unit
@@ -21,14 +26,6 @@ written in one atomic step (a single S3 PUT, or a rename on a local disk): first
 `groupemotion.inputs` (the shard, or `_inputs/<part>#<row group>`), and a job starts by reading those lists to plan only what no unit holds
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
-
-A unit with a row that failed on the object store (`storage.is_storage_failure`: the reader could
-not read a shard or an object after the retries) is not committed: its rows are dropped and the
-unit counts as left for a rerun (`Summary.units_left`), which tries it again. The failure was the
-store's, not the video's, so writing the error as the video's answer would lose the video.
-
-Fault injection, for tests and drills: GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N kills the job
-process with SIGKILL right after its N-th commit, like a node loss between two commits.
 """
 
 from __future__ import annotations
@@ -54,6 +51,8 @@ from ray_jobs.sinks import units as unit_commits
 
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
+JOB_FILE = "_job.json"  # the resolved run: model, inputs, window plan, options (`groupemotion infer`)
+SUCCESS_FILE = "_SUCCESS"  # the run's summary, written once every unit is committed
 PART_PREFIX = "part-"
 INPUTS_METADATA_KEY = b"groupemotion.inputs"
 EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"

@@ -48,6 +48,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -307,7 +308,7 @@ class _UnitWriter:
             self.stats.not_cached.append((unit.describe(), failed))
             return
         meta = {"format": FORMAT, "inputs": [list(i) for i in unit.inputs],
-                "frames": [self.cache.spec.num_frames, self.cache.spec.frame_size, self.cache.spec.frame_size, 3],
+                "frames": list(self.cache.spec.frame_shape),
                 "audio_samples": self.cache.spec.audio_samples}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         written = unit_commits.write_parquet(storage.join(self.cache.root, unit.name), table,
@@ -320,14 +321,10 @@ class _UnitWriter:
         s.bytes += written
         jpegs = table.column(FRAMES_JPEG).to_pylist()
         s.frame_bytes += sum(len(j) for j in jpegs if j is not None)
-        s.raw_frame_bytes += sum(1 for j in jpegs if j is not None) * _frame_bytes(self.cache.spec)
+        s.raw_frame_bytes += sum(1 for j in jpegs if j is not None) * math.prod(self.cache.spec.frame_shape)
         if self.progress is not None:
             self.progress.advance(1, videos=len(set(table.column(ClipRow.KEY).to_pylist())), errors=len(errors))
         self.stream.committed()
-
-
-def _frame_bytes(spec: DecodeSpec) -> int:
-    return spec.num_frames * spec.frame_size * spec.frame_size * 3
 
 
 def _encode_rows(table: pa.Table, spec: DecodeSpec) -> pa.Table:
@@ -369,10 +366,9 @@ def decode_frames(data: bytes, spec: DecodeSpec) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         frames = np.asarray(image.convert("RGB"))
-    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
-    if frames.size != np.prod(shape):
-        raise ValueError(f"a cached clip has frames of {frames.shape}, the spec wants {shape}")
-    return frames.reshape(shape)
+    if frames.size != math.prod(spec.frame_shape):
+        raise ValueError(f"a cached clip has frames of {frames.shape}, the spec wants {spec.frame_shape}")
+    return frames.reshape(spec.frame_shape)
 
 
 def encode_audio(samples: np.ndarray) -> bytes:
@@ -397,8 +393,7 @@ def _load_units(batch: pa.Table, spec: DecodeSpec) -> Iterator[pa.Table]:
 
 def _restore(table: pa.Table, spec: DecodeSpec) -> pa.Table:
     """Cache rows -> ClipRows with the decode stage's columns, types and order."""
-    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
-    frames = np.zeros((table.num_rows, *shape), np.uint8)
+    frames = np.zeros((table.num_rows, *spec.frame_shape), np.uint8)
     audio = np.zeros((table.num_rows, spec.audio_samples), np.float32)
     stored = zip(table.column(FRAMES_JPEG).to_pylist(), table.column(AUDIO_PCM16).to_pylist())
     for i, (jpeg, pcm) in enumerate(stored):

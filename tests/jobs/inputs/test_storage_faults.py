@@ -24,11 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from groupemotion_core.weights.checkpoint import save_checkpoint
 from groupemotion_core.model.config import preset
-from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow
 from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
 from ray_jobs.inputs import storage
@@ -203,13 +200,12 @@ def _read(uri: str) -> pd.DataFrame:
     return pd.read_parquet(path, filesystem=fs)
 
 
+@pytest.mark.slow
 def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_every_video_once(
-    videos, tmp_path, s3_bucket, flaky_s3, record_property
+    videos, tiny_checkpoint, s3_bucket, flaky_s3, record_property
 ):
     root, csv = videos
-    torch.manual_seed(0)
-    save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "model")
-    storage.upload_dir(str(tmp_path / "model"), f"{s3_bucket}/model")
+    storage.upload_dir(tiny_checkpoint[0], f"{s3_bucket}/model")
     manifest = pack(str(root), f"{s3_bucket}/shards", labels_csv=str(csv), shard_size=2, progress=io.StringIO())
     output = f"{s3_bucket}/labels"
     argv = ["infer", f"{s3_bucket}/shards", "--model", f"{s3_bucket}/model", "--output", output,
@@ -245,6 +241,7 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
     assert min(flaky_s3.injected[kind] for kind in ("slowdown", "drop", "truncate")) >= 1, flaky_s3.injected
 
 
+@pytest.mark.slow
 def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two_epochs(
     tmp_path, s3_bucket, flaky_s3, record_property
 ):
