@@ -60,9 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
-    parser.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
-                        help="a table input's column of video URIs (default: %(default)s); labels come "
-                             "from its `label` column")
     add_stall_argument(parser)
 
 

@@ -106,7 +106,13 @@ from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
 from ray_jobs.inputs import listing, storage, tables
 from ray_jobs.sinks.labels import JOB_FILE, SUCCESS_FILE, LabelWriter, Summary, plan_units
-from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.commands.args import (
+    add_prediction_arguments,
+    add_stall_argument,
+    positive_int,
+    prediction_options,
+    window_plan,
+)
 from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 
@@ -260,11 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relist", action="store_true",
                         help="list the inputs again (objects added since the saved listing) and label every "
                              "video of the new listing again into this output")
-    parser.add_argument("--uri-column", default=tables.URI_COLUMN, metavar="NAME",
-                        help="a table input's column of video URIs (default: %(default)s)")
     parser.add_argument("--columns", type=_names, metavar="A,B",
                         help="a table input's columns to carry into videos/ (default: all but the URI column)")
-    parser.add_argument("--unit-videos", type=int, default=listing.UNIT_ROWS, metavar="N",
+    parser.add_argument("--unit-videos", type=positive_int, default=listing.UNIT_ROWS, metavar="N",
                         help="videos per output unit (a file in windows/ and videos/), fixed by the first "
                              "run of an output (default: %(default)s)")
     add_stall_argument(parser)
@@ -278,8 +282,6 @@ def _names(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.unit_videos < 1:
-        raise GroupEmotionError("bad_argument", f"--unit-videos must be at least 1, not {args.unit_videos}")
     with exit_in_bounded_time():
         summary = infer(args.inputs, args.model, args.output, prediction_options(args), plan=window_plan(args),
                         overwrite=args.overwrite, relist=args.relist, uri_column=args.uri_column,

@@ -53,8 +53,8 @@ from typing import Any
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.config import PRESETS, ModelConfig, preset
 from ray_jobs.inputs import storage
-from ray_jobs.commands.args import add_stall_argument
-from ray_jobs.inputs.tables import URI_COLUMN, check, is_table
+from ray_jobs.commands.args import add_stall_argument, add_uri_column_argument
+from ray_jobs.inputs.tables import check, is_table
 from ray_jobs.runtime.watchdog import exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
@@ -69,8 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(.parquet/.csv/.jsonl with uri and label columns) (local or s3://)")
     data.add_argument("--val", nargs="+", required=True, metavar="URI",
                       help="validation data, same forms as --train")
-    data.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
-                      help="a table input's column of video URIs (default: %(default)s)")
+    add_uri_column_argument(data)
     data.add_argument("--output", required=True, metavar="URI",
                       help="run folder (local or s3://); reusing it resumes the run")
     data.add_argument("--decode-cpus", type=float, default=1.0, metavar="N",
