@@ -1,6 +1,6 @@
 """Tables of videos through the real jobs: real local Ray, real S3 (moto on 127.0.0.1), generated clips.
 
-`infer` on a table in each format (Parquet on S3, CSV and JSONL locally) gives one videos/ row per
+`infer` on tables in every format, on S3 and locally (Parquet on S3 only), gives one videos/ row per
 table row with the table's columns unchanged; a killed job run again commits every row once from
 its saved listing, new objects wait for `--relist`; an S3 prefix of 5,000 objects is listed in
 pages and labelled once; `eval` and `train` take their labels from a table's `label` column.
@@ -79,31 +79,38 @@ def test_tables_in_each_format_local_and_on_s3_give_a_row_per_row_with_their_col
                              "uri": [f"{bucket}/media/c0.mp4", f"{bucket}/media/c1.mp4", f"{bucket}/media/gone.mp4"]}),
                    tmp_path / "s3.parquet")
     client.upload_file(str(tmp_path / "s3.parquet"), bucket[len("s3://") :], "tables/s3.parquet")
+    # CSV and JSONL on S3 too, a relative path taken from the table's prefix.
+    client.put_object(Bucket=bucket[len("s3://") :], Key="tables/s3.csv", Body=b"video_id,lang,uri\n9,ja,c9.mp4\n")
+    client.put_object(Bucket=bucket[len("s3://") :], Key="tables/s3.jsonl",
+                      Body=json.dumps({"video_id": 10, "lang": "ko", "uri": f"{bucket}/media/c1.mp4"}).encode() + b"\n")
     (clips / "local.csv").write_text("video_id,lang,uri\n4,it,c2.mp4\n5,es,\n6,pt,ftp://host/c.mp4\n")
     (tmp_path / "local.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"video_id": 7, "lang": "nl", "uri": str(clips / "c3.mp4")},
         {"video_id": 8, "lang": "sv", "uri": str(clips / "missing.mp4")}]))
     output = f"{bucket}/labels"
-    inputs = [f"{bucket}/tables/s3.parquet", str(clips / "local.csv"), str(tmp_path / "local.jsonl")]
+    inputs = [f"{bucket}/tables/s3.parquet", str(clips / "local.csv"), str(tmp_path / "local.jsonl"),
+              f"{bucket}/tables/s3.csv", f"{bucket}/tables/s3.jsonl"]
 
     summary = infer.infer(inputs, checkpoint, output, PredictOptions(**FEW_CPUS), unit_videos=2)
 
     videos = _videos(output).set_index("video_id").sort_index()
-    assert videos.index.tolist() == [1, 2, 3, 4, 5, 6, 7, 8] and summary.videos == 8
-    assert str(videos.index.dtype) == "int64" and videos["lang"].tolist() == ["de", "en", "fr", "it", "es", "pt", "nl", "sv"]
+    assert videos.index.tolist() == list(range(1, 11)) and summary.videos == 10
+    assert str(videos.index.dtype) == "int64"
+    assert videos["lang"].tolist() == ["de", "en", "fr", "it", "es", "pt", "nl", "sv", "ja", "ko"]
     for name in labels.part_files(output, "videos"):
         with storage.open_read(name) as f:
             schema = pq.read_schema(f)
         assert schema.names == [*VideoRow.SCHEMA.names, "video_id", "lang"] and schema.field("video_id").type == pa.int64()
     keys = videos["key"].tolist()
     assert keys[:3] == [f"{bucket}/media/c0.mp4", f"{bucket}/media/c1.mp4", f"{bucket}/media/gone.mp4"]
-    assert keys[3] == str(clips / "c2.mp4") and keys[6:] == [str(clips / "c3.mp4"), str(clips / "missing.mp4")]
+    assert keys[3] == str(clips / "c2.mp4") and keys[6:8] == [str(clips / "c3.mp4"), str(clips / "missing.mp4")]
+    assert keys[8:] == [f"{bucket}/tables/c9.mp4", f"{bucket}/media/c1.mp4"]
     labelled = videos[videos["error"].isna()]
-    assert labelled.index.tolist() == [1, 2, 4, 7] and labelled["label"].isin(CLASSES).all()
+    assert labelled.index.tolist() == [1, 2, 4, 7, 10] and labelled["label"].isin(CLASSES).all()
     reasons = videos["error"].dropna().str.split(":").str[0].to_dict()
-    assert reasons == {3: "not_found", 5: "bad_uri", 6: "bad_uri", 8: "not_found"}
-    # Units: consecutive rows of one table (2 a unit): 3 + 3 + 2 rows -> 2 + 2 + 1 units.
-    assert summary.units_committed == 5 and len(labels.part_files(output, "windows")) == 5
+    assert reasons == {3: "not_found", 5: "bad_uri", 6: "bad_uri", 8: "not_found", 9: "not_found"}
+    # Units: consecutive rows of one table (2 a unit): 3 + 3 + 2 + 1 + 1 rows -> 2 + 2 + 1 + 1 + 1 units.
+    assert summary.units_committed == 7 and len(labels.part_files(output, "windows")) == 7
 
 
 def test_a_killed_job_run_again_commits_every_row_once_from_its_saved_listing(
