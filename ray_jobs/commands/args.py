@@ -32,6 +32,10 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0, "zero or a positive number")
 
 
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    return _number(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
+
+
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     """Which windows of a video are decoded (`WindowPlan`), as `decode`, `infer` and `eval` take them."""
     parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
