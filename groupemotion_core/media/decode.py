@@ -179,17 +179,28 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         clip = decode_clip(source, spec, 0.0)
         yield Window(0, 1, 0.0, clip.seconds, clip)
         return
-    try:
-        with _open_container(source, spec) as container:
-            video_end, keyframes = _tail_end(container, spec, plan), None
-        if video_end is None:
-            with _open_container(source, spec) as container:
-                video_end, keyframes = _survey(container, spec)
-    except _FFMPEG_ERRORS as e:
-        raise _decode_error(e) from None
-    windows = plan_windows(video_end, spec.clip_seconds, plan)
+    with contextlib.ExitStack() as stack:
+        try:
+            surveyed = stack.enter_context(_open_container(source, spec))
+            video_end, keyframes = _tail_end(surveyed, spec, plan), None
+            if video_end is None:
+                surveyed.close()
+                with _open_container(source, spec) as container:
+                    video_end, keyframes = _survey(container, spec)
+        except _FFMPEG_ERRORS as e:
+            raise _decode_error(e) from None
+        # An MP4's opening reads its whole sample index (44 ms for two hours): the pictures read on
+        # in the one the tail was read from.
+        reused = surveyed if keyframes is None and surveyed.format.name.startswith("mov") else None
+        if reused is None:
+            surveyed.close()
+        yield from _windows(source, spec, plan_windows(video_end, spec.clip_seconds, plan), keyframes, reused)
+
+
+def _windows(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None, reused):
+    """decode_windows' Windows of the (start, end) `windows`, once the survey has placed them."""
     spans = [(start, end - start) for start, end in windows]
-    with contextlib.closing(_fill(source, spec, spans, keyframes)) as clips:
+    with contextlib.closing(_fill(source, spec, spans, keyframes, reused)) as clips:
         for index, (start, end) in enumerate(windows):
             try:
                 clip = next(clips)
@@ -305,14 +316,15 @@ def _video_packets(container, video, spec: DecodeSpec):
             yield packet, t
 
 
-def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None):
+def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None,
+          reused=None):
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
     its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
     as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
+    with contextlib.closing(_pictures(source, spec, windows, keyframes, reused)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
@@ -325,7 +337,8 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             yield DecodedClip(frames, audio, audio_len, times, float(length))
 
 
-def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None):
+def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
+              reused=None):
     """Each window's (frames, frame_times), or its DecodeError, in order, read forward.
 
     A window opens when the read reaches its start, with the frame on screen then, and is given
@@ -334,14 +347,18 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     decode_clip (no `keyframes`), and for decode_windows only when a keyframe lies between what
     has been read and the window. A seek that fails (FLV without an index), or that lands after
     its window or nowhere (MPEG-TS has no index and only guesses), makes it open the input again
-    and read on from time 0 without seeking, as a player does.
+    and read on from time 0 without seeking, as a player does. A `reused` opening (an MP4 the
+    survey read, the caller's to close) is read first, sought back to time 0.
     """
     following = 0  # the first window not opened yet
     may_seek = True
     targets = np.sort(np.concatenate([_targets(*window, spec) for window in windows]))
     while following < len(windows):
-        with _open_container(source, spec) as container:
+        with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
             video = _VideoReader(container, spec, targets)
+            if reused is not None:
+                video.seek(0.0)
+                reused = None
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
                 sought = None
