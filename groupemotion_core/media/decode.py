@@ -181,11 +181,13 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
     with contextlib.ExitStack() as stack:
         try:
             surveyed = stack.enter_context(_open_container(source, spec))
-            video_end, keyframes = _tail_end(surveyed, spec, plan), None
+            sparse = _sparse(surveyed, spec, plan)
+            video_end, keyframes = _tail_end(surveyed, spec) if sparse else None, None
             if video_end is None:
-                surveyed.close()
-                with _open_container(source, spec) as container:
-                    video_end, keyframes = _survey(container, spec)
+                if sparse:  # sought in vain: demux it whole from the start
+                    surveyed.close()
+                    surveyed = stack.enter_context(_open_container(source, spec))
+                video_end, keyframes = _survey(surveyed, spec)
         except _FFMPEG_ERRORS as e:
             raise _decode_error(e) from None
         # An MP4's opening reads its whole sample index (50 ms for two hours): the pictures read on
@@ -223,19 +225,23 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
-def _tail_end(container, spec: DecodeSpec, plan: WindowPlan) -> float | None:
-    """Where the video ends, from its last packets alone, when its windows will be sparse
-    (`max_windows` of many more); None to demux it whole (`_survey`).
+def _sparse(container, spec: DecodeSpec, plan: WindowPlan) -> bool:
+    """Whether the plan keeps few of the video's windows (`max_windows` of many more), by the
+    length its header declares."""
+    declared = _declared_seconds(container, _video_stream(container, spec)) or 0.0
+    return plan.max_windows is not None and declared / (plan.stride_s or spec.clip_seconds) > 2 * plan.max_windows
 
-    Demuxing a two-hour video's every packet costs more than its 8 windows, so only its last
-    TAIL_S seconds, as its header says, are: the last frame is among them wherever the header is
-    wrong, since the read goes on to the end of the file. The keyframes are then not known, and
-    each window is sought. A file that cannot seek is demuxed whole.
+
+def _tail_end(container, spec: DecodeSpec) -> float | None:
+    """Where the video ends, from its last packets alone; None to demux it whole (`_survey`).
+
+    Demuxing a two-hour video's every packet costs more than its 8 sparse windows, so only its
+    last TAIL_S seconds, as its header says, are: the last frame is among them wherever the
+    header is wrong, since the read goes on to the end of the file. The keyframes are then not
+    known, and each window is sought. A file that cannot seek is demuxed whole.
     """
     video = _video_stream(container, spec)
     declared = _declared_seconds(container, video) or 0.0
-    if plan.max_windows is None or declared / (plan.stride_s or spec.clip_seconds) <= 2 * plan.max_windows:
-        return None
     try:
         _seek(container, video, max(0.0, declared - TAIL_S))
     except av.error.FFmpegError:
