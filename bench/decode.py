@@ -1,10 +1,20 @@
-"""Clips per second of decode_clip against other ways to decode the same clips.
+"""Clips per second of decode_clip against other ways to decode the same clips, and CPU seconds
+per window of decode_windows against a decode of every frame and against the peers.
 
-Usage: python bench/decode.py [--clips N] [--repeat N]
+Usage: python bench/decode.py [--clips N] [--repeat N] [--window-seconds S]
 
 Prints one JSON object: `clips_per_s` maps a decoder's name to clips per second (8 frames and the
 audio of one 5 s 720p H.264 + AAC clip, given as bytes in memory as the pipelines give it), and
 `cpu_s_per_clip` the CPU seconds each spent per clip, summed over its threads.
+
+`per_window` does it for the windows of whole web-like videos (`--window-seconds` long, 5 s
+windows, 8 frames each), one thread each: x264 `-preset medium` (3 B-frames in a pyramid, as web
+encoders write them) at 720p and 1080p, and at 720p with no B-frames (every frame a reference,
+nothing to drop). `groupemotion` is decode_windows; `full_decode` the same with no frame dropped;
+`torchcodec` (seek_mode "exact", get_frames_played_at) and `decord` (get_batch) fetch the frames
+decode_windows shows, pictures only. `ratios` set ours against the full decode and against the
+best peer, beside TARGETS. torchcodec loads FFmpeg's shared libraries: where the system has
+none, point LD_LIBRARY_PATH at PyAV's (see `skipped`).
 The clips are generated here rather than by groupemotion_core.media.synthetic: its per-pixel noise
 makes H.264 at 720p some 30x the bitrate of a web video, so the benchmark would time the entropy
 decoder instead of what a real clip costs. These have smooth moving shapes, x264 `veryfast`
@@ -27,36 +37,46 @@ import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from groupemotion_core.media.decode import DecodeSpec, decode_clip  # noqa: E402
+import groupemotion_core.media.decode as decode  # noqa: E402
+from groupemotion_core.media.decode import DecodeSpec, decode_clip, decode_windows  # noqa: E402
 
 WIDTH, HEIGHT, FPS, SECONDS, AUDIO_RATE = 1280, 720, 30, 5.0, 44100
 SPEC = DecodeSpec()
+ONE_THREAD = DecodeSpec(threads=1)
+# Per-window kinds: name -> (width, height, x264 B-frames: None for the preset's own).
+KINDS = {"bframes_720p": (1280, 720, None), "bframes_1080p": (1920, 1080, None), "no_bframes_720p": (1280, 720, 0)}
+TARGETS = {"bframes_vs_full_decode": 0.7, "bframes_vs_best_peer": 0.75, "no_bframes_vs_full_decode": 1.03}
 
 
-def make_clip(path: Path, seed: int, seconds: float = SECONDS, preset: str = "veryfast") -> None:
-    """A web-like 720p clip: a drifting gradient with coloured blobs moving across it (coming back
-    in at the far edge), and a tone, the audio interleaved with the video as a web video has it."""
+def make_clip(path: Path, seed: int, seconds: float = SECONDS, preset: str = "veryfast",
+              width: int = WIDTH, height: int = HEIGHT, bframes: int | None = None) -> None:
+    """A web-like clip (720p unless told): a drifting gradient with coloured blobs moving across
+    it (coming back in at the far edge), and a tone, the audio interleaved with the video as a web
+    video has it. x264 `preset` decides the B-frames unless `bframes` does."""
     rng = np.random.default_rng(seed)
     frames = int(seconds * FPS)
     base = rng.uniform(40, 200, size=3).astype(np.float32)
-    blobs = [(rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(-12, 12), rng.uniform(-6, 6),
+    blobs = [(rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-12, 12), rng.uniform(-6, 6),
               rng.uniform(40, 120), rng.uniform(0, 255, size=3)) for _ in range(6)]
     # The gradient drifts 8 pixels a frame: every frame is a window on one wide strip.
-    drift = np.outer(np.cos(np.arange(HEIGHT, dtype=np.float32) / 61.0),
-                     np.sin(np.arange(WIDTH + 8 * frames, dtype=np.float32) / 97.0))
+    drift = np.outer(np.cos(np.arange(height, dtype=np.float32) / 61.0),
+                     np.sin(np.arange(width + 8 * frames, dtype=np.float32) / 97.0))
     strip = np.clip(base + 30 * drift[..., None], 0, 255).astype(np.uint8)
     t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
     wave = (0.3 * np.sin(2 * np.pi * rng.uniform(200, 800) * t)).astype(np.float32)
     with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=FPS, options={"preset": preset, "crf": "23"})
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        options = {"preset": preset, "crf": "23"}
+        if bframes is not None:
+            options["x264-params"] = f"bframes={bframes}"
+        video = out.add_stream("libx264", rate=FPS, options=options)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         audio = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
         out.start_encoding()
         chunk, sent = audio.codec_context.frame_size, 0
         for i in range(frames):
-            img = strip[:, 8 * i : 8 * i + WIDTH].copy()
+            img = strip[:, 8 * i : 8 * i + width].copy()
             for bx, by, vx, vy, r, colour in blobs:
-                cx, cy = (bx + vx * i) % WIDTH, (by + vy * i) % HEIGHT
+                cx, cy = (bx + vx * i) % width, (by + vy * i) % height
                 img[max(0, int(cy - r)) : int(cy + r), max(0, int(cx - r)) : int(cx + r)] = colour
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             out.mux(video.encode(frame))
@@ -114,10 +134,83 @@ def decoders() -> tuple[dict, dict]:
     return found, missing
 
 
+def windows_of(data: bytes) -> list:
+    return list(decode_windows(data, ONE_THREAD))
+
+
+def full_decode(data: bytes) -> list:
+    """decode_windows with every frame decoded: FFmpeg is told to drop none."""
+    dropping, decode._DROPPING_CODECS = decode._DROPPING_CODECS, frozenset()
+    try:
+        return windows_of(data)
+    finally:
+        decode._DROPPING_CODECS = dropping
+
+
+def window_peers(shown: list[float]) -> tuple[dict, dict]:
+    """-> ({name: fetch(bytes)} of the peers that fetch the frames at times `shown`, {name: why absent})."""
+    found, missing = {}, {}
+    try:
+        from torchcodec.decoders import VideoDecoder
+
+        found["torchcodec"] = lambda data: VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1) \
+            .get_frames_played_at(shown)
+    except (ImportError, RuntimeError, OSError) as e:
+        missing["torchcodec"] = f"not loadable: {str(e).splitlines()[0][:200]}"
+    try:
+        import decord
+
+        indices = [int(round(t * FPS)) for t in shown]  # constant frame rate: time to frame number
+        found["decord"] = lambda data: decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(indices)
+    except ImportError as e:
+        missing["decord"] = f"not importable: {e}"
+    return found, missing
+
+
+def per_window(kind: str, clips: int, seconds: float, repeat: int) -> dict:
+    """CPU seconds per window of each decoder on `clips` generated videos of one kind."""
+    width, height, bframes = KINDS[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = []
+        for i in range(clips):
+            path = Path(tmp) / f"{kind}{i}.mp4"
+            make_clip(path, seed=10 + i, seconds=seconds, preset="medium", width=width, height=height, bframes=bframes)
+            videos.append(path.read_bytes())
+    decoders = {"groupemotion": windows_of, "full_decode": full_decode}
+    counts, cpu, missing = {}, {}, {}
+    for index, data in enumerate(videos):
+        windows = windows_of(data)
+        assert all(np.array_equal(w.clip.frames, f.clip.frames) for w, f in zip(windows, full_decode(data)))
+        shown = [t for w in windows for t in w.clip.frame_times]
+        peers, missing = window_peers(shown)
+        for name, fetch in {**decoders, **peers}.items():
+            fetch(data)  # warm-up
+            busy = time.process_time()
+            for _ in range(repeat):
+                fetch(data)
+            cpu[name] = cpu.get(name, 0.0) + time.process_time() - busy
+            counts[name] = counts.get(name, 0) + repeat * len(windows)
+    per = {name: round(cpu[name] / counts[name], 4) for name in cpu}
+    peer_times = [per[name] for name in per if name not in decoders]
+    return {
+        "cpu_s_per_window": per,
+        "vs_full_decode": round(per["groupemotion"] / per["full_decode"], 3),
+        "vs_best_peer": round(per["groupemotion"] / min(peer_times), 3) if peer_times else None,
+        "video": f"{width}x{height} {FPS} fps {seconds:g} s x264 medium crf 23"
+                 + ("" if bframes is None else f" bframes={bframes}") + " + AAC 44.1 kHz stereo",
+        "mean_video_kbytes": round(sum(map(len, videos)) / len(videos) / 1024),
+        "windows_per_video": len(windows_of(videos[0])),
+        "skipped": missing,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=4, help="clips to generate (default 4)")
     parser.add_argument("--repeat", type=int, default=3, help="passes over the clips (default 3)")
+    parser.add_argument("--window-seconds", type=float, default=10.0,
+                        help="seconds of each per-window video, 0 to skip that part (default 10)")
+    parser.add_argument("--window-clips", type=int, default=2, help="per-window videos of each kind (default 2)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +248,21 @@ def main() -> None:
             "the clips are generated by this script with smooth content and a web-like bitrate",
         ],
         "skipped": missing,
+        **(per_window_report(args) if args.window_seconds > 0 else {}),
     }, indent=None))
+
+
+def per_window_report(args) -> dict:
+    kinds = {kind: per_window(kind, args.window_clips, args.window_seconds, args.repeat) for kind in KINDS}
+    return {
+        "per_window": kinds,
+        "targets": TARGETS,
+        "ratios": {
+            "bframes_vs_full_decode": {k: kinds[k]["vs_full_decode"] for k in kinds if k.startswith("bframes")},
+            "bframes_vs_best_peer": {k: kinds[k]["vs_best_peer"] for k in kinds if k.startswith("bframes")},
+            "no_bframes_vs_full_decode": {k: kinds[k]["vs_full_decode"] for k in kinds if k.startswith("no_bframes")},
+        },
+    }
 
 
 if __name__ == "__main__":

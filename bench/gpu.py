@@ -1,8 +1,11 @@
-"""The paper model on one CUDA device: a bf16 training step at batch 8, inference at batch 32.
+"""The paper model on one CUDA device: a bf16 training step at batch 8, inference at batch 32,
+for each temporal pooling of the vision tower (`VisionConfig.temporal_pool`: the frames before
+the backbone, as the paper's formula, or its feature maps after it, ClipBERT's way).
 
-Usage: python bench/gpu.py [--preset paper] [--train-batch 8] [--infer-batch 32] [--warmup 3] [--steps 10]
+Usage: python bench/gpu.py [--preset paper] [--pool frames features] [--train-batch 8] [--infer-batch 32]
+                           [--warmup 3] [--steps 10]
 
-Prints one JSON object. The inputs are synthetic, of the paper's geometry: uint8 frames
+Prints one JSON object, a section per pooling. The inputs are synthetic, of the paper's geometry: uint8 frames
 [B, 8, 224, 224, 3] (normalised on the device, as in the jobs) and 5 s waveforms at 16 kHz. A
 quarter of every batch has no audio track (audio_len 0) and one clip has half a track, so the
 audio masking runs on the device too: every logit, the loss and every gradient must be finite
@@ -15,7 +18,7 @@ audio masking runs on the device too: every logit, the loss and every gradient m
   (null for a device not in the table).
 - infer: eval mode, inference_mode, bf16 autocast: clips/s and peak memory.
 Out of memory in a section is reported as that section's error (exit status 1); the other
-section still runs.
+sections still run.
 
 The GPU machine has no Ray, PyAV or s3fs: this imports only groupemotion_core's PyTorch parts.
 Without CUDA it prints {"cuda": false, ...} and exits 0. `--device cpu` runs the same code on
@@ -26,6 +29,7 @@ script; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,7 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from groupemotion_core.model.config import preset  # noqa: E402
+from groupemotion_core.model.config import PRESETS, TEMPORAL_POOLS, preset  # noqa: E402
 from groupemotion_core.model.classifier import GroupEmotionModel  # noqa: E402
 from groupemotion_core.model.training import build_optimizer, loss_fn  # noqa: E402
 
@@ -51,7 +55,9 @@ BF16_DENSE_PEAK_FLOPS = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="paper", choices=("paper", "tiny"))
+    parser.add_argument("--preset", default="paper", choices=PRESETS)
+    parser.add_argument("--pool", nargs="+", default=list(TEMPORAL_POOLS), choices=TEMPORAL_POOLS,
+                        help="the temporal poolings to measure, each with the preset's other sizes")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=32)
@@ -66,13 +72,18 @@ def main() -> int:
     device = torch.device(args.device)
     result = {"cuda": device.type == "cuda", "preset": args.preset, **_device_info(device),
               "torch": torch.__version__, "warmup_steps": args.warmup, "timed_steps": args.steps}
-    torch.manual_seed(0)
-    model = GroupEmotionModel(preset(args.preset)).to(device)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    result["train"] = _section(device, lambda: _train(model, device, args))
-    result["infer"] = _section(device, lambda: _infer(model, device, args))
+    sections = []
+    for pool in args.pool:
+        cfg = preset(args.preset)
+        cfg.vision = dataclasses.replace(cfg.vision, temporal_pool=pool)
+        torch.manual_seed(0)
+        model = GroupEmotionModel(cfg).to(device)
+        result["parameters"] = sum(p.numel() for p in model.parameters())  # the same for every pooling
+        result[pool] = {"train": _section(device, lambda: _train(model, device, args)),
+                        "infer": _section(device, lambda: _infer(model, device, args))}
+        sections += result[pool].values()
+        del model
     print(json.dumps(result, indent=2))
-    sections = (result["train"], result["infer"])
     ok = all("error" not in s and all(s["finite"].values()) for s in sections)
     return 0 if ok else 1
 

@@ -369,7 +369,7 @@ def _naive(shards: str, output: str, model_ref: str) -> None:
                 row.update(zip(PROB_COLUMNS, probs.tolist()), label=CLASSES[int(np.argmax(probs))], windows=1,
                            seconds=clip.seconds)
             except GroupEmotionError as e:
-                row["error"] = f"{e.reason}: {e.detail}"
+                row["error"] = str(e)
             writer.write_table(pa.Table.from_pylist([row], schema=VideoRow.SCHEMA))
             videos += 1
     seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -93,7 +94,7 @@ def cache_fidelity(cache_root: Path, sources: dict[str, Path], spec) -> dict:
 
     files = sorted(cache_root.glob("unit-*.parquet"))
     rows = sum(pq.read_metadata(f).num_rows for f in files)
-    raw_frames = spec.num_frames * spec.frame_size * spec.frame_size * 3
+    raw_frames = math.prod(spec.frame_shape)
     raw_audio = spec.audio_samples * 4
     psnr, max_abs, audio_err = [], 0, 0.0
     for f in files:

@@ -1,6 +1,6 @@
 """The schemas between pipeline stages, written once and imported everywhere.
 
-DESIGN.md names the row types: SourceRow (what a reader yields), ClipRow (what the decode stage
+docs/architecture.md ("Schemas between stages") names the row types: SourceRow (what a reader yields), ClipRow (what the decode stage
 yields, one per window, consumed by training and inference), and the two Parquet outputs of
 inference, WindowRow (`windows/`) and VideoRow (`videos/`). Every job
 imports the column names and the Arrow schema from here, so a rename cannot drift between stages.
@@ -49,7 +49,7 @@ class SourceRow:
     KEY = "key"  # unique and stable: shard URI + "/" + member key, or the object URI
     VIDEO = "video"  # the encoded bytes
     LABEL = "label"  # class name, or None when unknown
-    # Beyond DESIGN.md's three columns: why the reader could not produce the video (an object over
+    # Beyond the architecture's three columns (key, video, label): why the reader could not produce the video (an object over
     # the size limit, a truncated shard), so that the decode stage turns it into an error row
     # instead of the read task failing.
     ERROR = "error"
@@ -92,6 +92,13 @@ class ClipRow:
 
     WHOLE_VIDEO = -1
     SHARD_END = -2
+
+    @staticmethod
+    def is_window(window):
+        """Whether a `window` value is a window of a video, not a marker row (WHOLE_VIDEO,
+        SHARD_END: both negative). Elementwise on a NumPy array. Every stage tells markers from
+        windows with this one test."""
+        return window >= 0
 
 
 PROB_COLUMNS = tuple(f"prob_{c.lower()}" for c in CLASSES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from groupemotion_core.errors import GroupEmotionError
@@ -39,6 +40,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         epilog="Run `groupemotion COMMAND --help` for a command's options. "
         "Jobs use the Ray cluster in RAY_ADDRESS, or start a local one when it is unset.",
     )
+    # The installed distribution's version (pyproject.toml): one place says it.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('groupemotion')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = _chosen(argv)
     for name, (module_name, summary) in COMMANDS.items():

@@ -46,14 +46,43 @@ _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "
              "AWS_PROFILE", "AWS_SESSION_TOKEN")
 
 
-@pytest.fixture
-def s3_bucket(s3_server) -> str:
-    """A new empty bucket; returns its URI, e.g. `s3://test-1a2b3c`."""
+@pytest.fixture(scope="session")
+def make_bucket(s3_server):
+    """Make a new empty bucket and return its URI, e.g. `s3://test-1a2b3c`: for fixtures of a
+    wider scope than `s3_bucket`'s."""
     import boto3
 
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    client = boto3.client("s3", endpoint_url=s3_server)
+
+    def _make() -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    return _make
+
+
+@pytest.fixture
+def s3_bucket(make_bucket) -> str:
+    """A new empty bucket for this test; returns its URI."""
+    return make_bucket()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """The `tiny` model with seed-0 random weights, saved once for the session: (directory,
+    model_id). Tests read it and never change it; one that needs another model saves its own."""
+    import torch
+
+    from groupemotion_core.model.classifier import GroupEmotionModel
+    from groupemotion_core.model.config import preset
+    from groupemotion_core.weights.checkpoint import save_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model_id = save_checkpoint(GroupEmotionModel(preset("tiny")), directory)
+    return str(directory), model_id
 
 
 @pytest.fixture
@@ -90,6 +119,21 @@ def ray_session(s3_server):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline, for this process and the processes it starts
+    (fill it with tests/hub.py's cached_snapshot)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -24,6 +25,12 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for name in COMMANDS:
         assert name in result.stdout
+
+
+def test_version_is_the_installed_distribution():
+    result = run_cli("--version", script=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"groupemotion {importlib.metadata.version('groupemotion')}\n"
 
 
 def test_decode_prints_the_clip_summary(make_clip):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from groupemotion_core.weights.checkpoint import load_checkpoint
@@ -30,6 +31,7 @@ CHATTER = [
 ]
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end(ray_session, tmp_path, capsys):
     work = tmp_path / "qs"
     argv = ["quickstart", "--workdir", str(work), "--clips-per-class", "4", "--epochs", "2"]

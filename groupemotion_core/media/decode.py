@@ -15,9 +15,18 @@ open, so memory does not grow with the video's length.
 Both fill a window with the same machinery, fed the same decoded frames, so a window's clip is the
 same array either way: its pictures are the frames from the one on screen at its start on (a
 video decoder starts clean at every keyframe, so where the read started changes none of them),
-its audio comes from a read of the audio track that always starts at time 0 (an audio decoder
-never starts clean: see `_fill`), resampled by a resampler of its own. Reading from time 0 opens
-the input afresh rather than seeking back: some containers (FLV) cannot.
+its audio comes from a decoder of its own started a second before it (an audio decoder never
+starts clean: see `_AudioRun`), resampled by a resampler of its own; so a window costs the same
+early or late in a long video. Reading from time 0 opens the input afresh rather than seeking
+back: some containers (FLV) cannot.
+
+Most frames are never shown in a window (8 of 150 in a 5 s window at 30 fps), and web encoders
+make many of them non-reference B-frames that no other frame is predicted from: FFmpeg can drop
+those before decoding them (skip_frame NONREF), a third to a half of the decoding. The packets'
+presentation times, read before decoding, say which frame is on screen at each target time; the
+decoder is told per packet to decode those in full and may drop the others (`_Drops`). Where the
+times cannot be trusted to say that, every frame is decoded, so a window is always the one a
+decode of every frame gives.
 
 Pictures are shown as a player shows them: the display matrix's rotation applied (a phone video
 stored sideways comes out upright), then the display aspect ratio kept (letterbox).
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from array import array
 import io
 import os
 from collections import deque
@@ -69,6 +79,25 @@ _SIGNATURES = (
     (0, b"\x00\x00\x01\xba", "mpeg"),
 )
 
+# Video decoders that, told to skip non-reference frames (skip_frame NONREF), drop exactly the
+# frames no other frame is predicted from, and give every frame the pts of its own packet: H.264,
+# HEVC and MPEG-1/2 non-reference pictures and VP8/VP9 frames that refresh no reference. Others
+# decode everything (MPEG-4 part 2 may pack two frames in one packet, WMV's times are guesses).
+_DROPPING_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "vp8", "vp9"})
+
+# Audio decoders that a new codec context with the stream's extradata, rate, layout and bit rate
+# sets up exactly as the stream's own (tested sample for sample against it).
+_FRESH_DECODERS = frozenset({"aac", "mp3float", "mp3", "mp2float", "mp2", "opus", "vorbis"})
+
+# Each window's audio decoder starts this long before the window (see _AudioRun), and the audio
+# read seeks when the next window's start is further ahead than AUDIO_SEEK_S.
+AUDIO_PREROLL_S = 1.0
+AUDIO_SEEK_S = 10.0
+
+# Seconds at the end of a video, by its header, demuxed to find where it really ends when its
+# windows are sparse (see _survey).
+TAIL_S = 30.0
+
 # What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
 _FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, UnicodeDecodeError)
 
@@ -104,8 +133,8 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     file whose container still reads (Matroska, WebM) gives the part that is there; one whose
     index is gone (an MP4 cut before its moov box) is undecodable.
 
-    The audio is decoded from time 0 whatever `start` is (see `_fill`): a late window costs the
-    audio before it, which is little next to its video.
+    The audio is decoded from AUDIO_PREROLL_S before `start` by a decoder of its own (see
+    `_AudioRun`), so that a late window costs no more than an early one.
 
     Raises DecodeError for any bad input. An OSError reading a path or file object is the
     storage's fault, not the media's, and a negative `start` the caller's: both raise as they are.
@@ -152,11 +181,15 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         return
     try:
         with _open_container(source, spec) as container:
-            video_end, keyframes = _survey(container, spec)
+            video_end, keyframes = _tail_end(container, spec, plan), None
+        if video_end is None:
+            with _open_container(source, spec) as container:
+                video_end, keyframes = _survey(container, spec)
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     windows = plan_windows(video_end, spec.clip_seconds, plan)
-    with contextlib.closing(_fill(source, spec, [(start, end - start) for start, end in windows], keyframes)) as clips:
+    spans = [(start, end - start) for start, end in windows]
+    with contextlib.closing(_fill(source, spec, spans, keyframes)) as clips:
         for index, (start, end) in enumerate(windows):
             try:
                 clip = next(clips)
@@ -179,18 +212,51 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
+def _tail_end(container, spec: DecodeSpec, plan: WindowPlan) -> float | None:
+    """Where the video ends, from its last packets alone, when its windows will be sparse
+    (`max_windows` of many more); None to demux it whole (`_survey`).
+
+    Demuxing a two-hour video's every packet costs more than its 8 windows, so only its last
+    TAIL_S seconds, as its header says, are: the last frame is among them wherever the header is
+    wrong, since the read goes on to the end of the file. The keyframes are then not known, and
+    each window is sought. A file that cannot seek is demuxed whole.
+    """
+    video = _video_stream(container, spec)
+    declared = _declared_seconds(container, video) or 0.0
+    if plan.max_windows is None or declared / (plan.stride_s or spec.clip_seconds) <= 2 * plan.max_windows:
+        return None
+    try:
+        _seek(container, video, declared - TAIL_S)
+    except av.error.FFmpegError:
+        return None
+    end = _last_frame_end(_video_packets(container, video, spec), video)
+    return end if end is not None and end > 0 else None
+
+
 def _survey(container, spec: DecodeSpec) -> tuple[float, list[float]]:
     """(seconds from the first frame to the end of the last one, the keyframes' times)."""
+    keyframes: list[float] = []
+
+    def noting_keyframes(packets):
+        for packet, t in packets:
+            if packet.is_keyframe:
+                keyframes.append(t)
+            yield packet, t
+
     video = _video_stream(container, spec)
-    end, keyframes, tb = None, [], float(video.time_base)
-    for packet, t in _video_packets(container, video, spec):
-        if packet.is_keyframe:
-            keyframes.append(t)
-        shown_until = t + (packet.duration or 0) * tb
-        end = shown_until if end is None else max(end, shown_until)
+    end = _last_frame_end(noting_keyframes(_video_packets(container, video, spec)), video)
     if end is None or end <= 0:
         raise DecodeError("undecodable", "the video stream has no timed packet")
     return end, sorted(keyframes)
+
+
+def _last_frame_end(packets, video) -> float | None:
+    """Where the last of the (packet, time) frames stops being shown, by its duration."""
+    end, tb = None, float(video.time_base)
+    for packet, t in packets:
+        shown_until = t + (packet.duration or 0) * tb
+        end = shown_until if end is None else max(end, shown_until)
+    return end
 
 
 def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
@@ -243,11 +309,8 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
-    its own stream: the video is sought across gaps, the audio never is. An audio decoder's output
-    depends on all it decoded before (AAC's noise substitution and WMA's noise draw from a
-    generator that runs on; MP3 and Vorbis carry bits and overlap), so the one way for a window to
-    get the same samples however it was reached is to decode the audio from time 0, which costs
-    little next to the video. FFmpegErrors raise as they are.
+    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
+    as they are.
     """
     with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
@@ -275,9 +338,10 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     """
     following = 0  # the first window not opened yet
     may_seek = True
+    targets = np.sort(np.concatenate([_targets(*window, spec) for window in windows]))
     while following < len(windows):
         with _open_container(source, spec) as container:
-            video = _VideoReader(container, spec)
+            video = _VideoReader(container, spec, targets)
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
                 sought = None
@@ -319,9 +383,11 @@ class _VideoReader:
     """The video stream of one opened container, decoded forward from time 0 or from a seek,
     every frame timed in seconds from the video's first frame."""
 
-    def __init__(self, container, spec: DecodeSpec):
+    def __init__(self, container, spec: DecodeSpec, targets: np.ndarray):
         self.container, self.spec = container, spec
         self.stream = _video_stream(container, spec)
+        may_drop = self.stream.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
+        self.drops = _Drops(targets) if may_drop else None
         self.stream.thread_type = "AUTO"
         self.stream.codec_context.thread_count = spec.threads
         self.origin, self.tb = _origin(self.stream), float(self.stream.time_base)
@@ -334,6 +400,8 @@ class _VideoReader:
         self.position = position  # time of the last packet read
         self.shown: tuple | None = None  # the last frame decoded, and its time
         self.clock = _FrameClock()
+        if self.drops is not None:
+            self.drops.restart()
 
     def should_seek(self, start: float, keyframes: list[float] | None) -> bool:
         """Whether seeking to `start` skips video that reading on would decode."""
@@ -349,12 +417,18 @@ class _VideoReader:
         self._restart(t)
 
     def frames(self):
-        """(frame, seconds) for each frame decoded from here on, damaged packets skipped."""
+        """(frame, seconds) for each frame decoded from here on, damaged packets skipped, and
+        the frames `drops` allows left to FFmpeg to drop."""
+        codec, dropping = self.stream.codec_context, False
+        codec.skip_frame = "DEFAULT"  # as the read before may have left it
         for packet in self.container.demux(self.stream):
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
                 self.position = ts * self.tb - self.origin
                 _check_duration(self.position, self.spec)
+            if self.drops is not None and dropping != self.drops.allows(packet, self.position):
+                dropping = not dropping
+                codec.skip_frame = "NONREF" if dropping else "DEFAULT"
             for frame in _decode_packet(packet) or ():
                 ts = self.clock(frame)
                 if ts is None:
@@ -365,13 +439,69 @@ class _VideoReader:
                 self.shown = (frame, t)  # after the yield: a window opened by this frame is given it
 
 
+class _Drops:
+    """Which frames FFmpeg may drop undecoded (when the codec can: non-reference frames only),
+    decided packet by packet, in decode order, from the times of the packets before.
+
+    The frame a target time shows is the last one not after it (or the first one, before any).
+    A frame at time t is dropped only when a frame already read comes later, at q, with no target
+    in [t, q): then whatever follows t comes no later than q, so t shows at no target. It is
+    never the earliest frame of a read. A picture is filled from the frames decoded, in time
+    order, with the last one not after its target, and that one is never dropped. Non-reference
+    frames come after the frames they lie between, so the one after is nearly always read.
+
+    Packet times are trusted to be frame times only while every packet has its own pts, not
+    before its dts and not shared with a recent packet; from the first that has not, nothing more
+    is dropped in this read (damaged timestamps). AVI stores no presentation times at all.
+    """
+
+    RECENT = 64  # packets remembered: far more than any decoder reorders
+
+    def __init__(self, targets: np.ndarray):
+        self.targets = targets  # sorted
+        self.restart()
+
+    def restart(self) -> None:
+        """A new read, from time 0 or from a seek."""
+        self.trusted, self.earliest = True, np.inf
+        self.read: deque[float] = deque()  # the last RECENT times, in decode order
+        self.sorted: list[float] = []  # the same, in time order
+
+    def allows(self, packet, t: float) -> bool:
+        """Whether the next packet's frame, at time t, may be dropped."""
+        if not self.trusted:
+            return False
+        if packet.pts is None or (packet.dts is not None and packet.pts < packet.dts):
+            self.trusted = False
+            return False
+        at = bisect.bisect_left(self.sorted, t)
+        if at < len(self.sorted) and self.sorted[at] == t:
+            self.trusted = False
+            return False
+        self.sorted.insert(at, t)
+        self.read.append(t)
+        if len(self.read) > self.RECENT:
+            del self.sorted[bisect.bisect_left(self.sorted, self.read.popleft())]
+            at = bisect.bisect_left(self.sorted, t)
+        earlier, self.earliest = self.earliest < t, min(self.earliest, t)
+        if not earlier or at + 1 == len(self.sorted):
+            return False
+        after = self.sorted[at + 1]
+        return np.searchsorted(self.targets, t) == np.searchsorted(self.targets, after)
+
+
+def _targets(start: float, length: float, spec: DecodeSpec) -> np.ndarray:
+    """The times a window's frames show: the centres of `num_frames` equal slices of it."""
+    return start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
+
+
 class _Picture:
     """One window's frames: each target time filled with the frame on screen then; a frame is
     converted once, when chosen."""
 
     def __init__(self, start: float, length: float, spec: DecodeSpec, video: _VideoReader):
         self.start, self.end = start, start + spec.clip_seconds
-        self.targets = start + (np.arange(spec.num_frames) + 0.5) * length / spec.num_frames
+        self.targets = _targets(start, length, spec)
         self.size, self.sar, self.reformatter = spec.frame_size, video.sar, video.reformatter
         self.frames = np.zeros((spec.num_frames, self.size, self.size, 3), np.uint8)
         self.times = [0.0] * spec.num_frames
@@ -408,52 +538,131 @@ class _Picture:
 
 
 def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]):
-    """Each window's audio, in order, from one read of the first audio track from time 0: mono
-    float32 at spec.sample_rate from the window's start, not cut to its length yet, and empty
-    without a track."""
-    with _open_container(source, spec) as container:
-        origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
-        stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
-        live: deque[_Sound] = deque()
-        following = 0  # the first window not opened yet
-        if stream is not None:
+    """Each window's audio, in order: mono float32 at spec.sample_rate from the window's start,
+    not cut to its length yet, and empty without a track.
+
+    Each window has a decoder of its own, started at its restart packet (`_AudioRun`), and all
+    are fed from one forward read of the first audio track, so that back-to-back windows cost
+    one read. With no window being decoded, the read seeks to the next restart packet when that
+    is more than AUDIO_SEEK_S ahead; where a seek fails or lands after it (FLV, MPEG-TS), the input
+    is opened again and read from time 0 without seeking, as the pictures are.
+    """
+    following = 0  # the first window whose decoder has not started
+    live: deque[_AudioRun] = deque()
+    restarts = [start - AUDIO_PREROLL_S for start, _ in windows]
+    may_seek = True
+    while following < len(windows):
+        with _open_container(source, spec) as container:
+            origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
+            stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
+            if stream is None:
+                break
             _demux_only(container, [stream])
-            for frame, t, seconds in _audio_frames(container, stream, origin, spec):
-                while following < len(windows) and t + seconds > windows[following][0]:
-                    live.append(_Sound(windows[following][0], spec))
-                    following += 1
-                for sound in live:
-                    sound.add(frame, t, seconds)
-                while live and live[0].done:
-                    yield live.popleft().samples()
-        while live:  # the end of the audio
-            yield live.popleft().samples()
-        for _ in windows[following:]:
-            yield np.zeros(0, np.float32)
+            tb, position = float(stream.time_base), 0.0
+            while True:  # one read: from time 0, or from a seek
+                sought, pending = False, []  # pending: the last packet at or before the next restart, and the untimed ones after it
+                if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
+                    try:
+                        container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
+                    except av.error.FFmpegError:
+                        may_seek = False
+                        break
+                    sought = True
+                for packet in container.demux(stream):
+                    ts = packet.pts if packet.pts is not None else packet.dts
+                    t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
+                    if t is not None:
+                        _check_duration(t, spec)
+                        position = t
+                        if following < len(windows) and t > restarts[following] and sought and not pending:
+                            may_seek = False  # the seek landed after the restart packet
+                            break
+                        while following < len(windows) and t > restarts[following]:
+                            live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
+                            for early in pending:
+                                live[-1].feed(early)
+                            following += 1
+                        if following < len(windows):
+                            pending = [packet]
+                    elif pending:
+                        pending.append(packet)
+                    sought = sought and not live
+                    for run in live:
+                        run.feed(packet)
+                    while live and live[0].sound.done:
+                        yield live.popleft().close()
+                    if not live and may_seek and following < len(windows) and restarts[following] > position + AUDIO_SEEK_S:
+                        break  # on to a seek
+                else:  # the end of the audio
+                    while live:
+                        yield live.popleft().close()
+                    for _ in windows[following:]:
+                        yield np.zeros(0, np.float32)
+                    return
+                if not may_seek:
+                    break  # open the input again and read it from time 0
+    for _ in windows[following:]:
+        yield np.zeros(0, np.float32)
 
 
-def _audio_frames(container, stream, origin: float, spec: DecodeSpec):
-    """(frame, seconds from time 0, its length in seconds) for each decoded frame, and
-    (None, ...) for each packet the decoder rejects, so that later audio keeps its time."""
-    end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
-    tb = float(stream.time_base)
-    for packet in container.demux(stream):
+class _AudioRun:
+    """One window's audio decoder, fed every packet from the window's restart packet on: the last
+    audio packet whose time is not after AUDIO_PREROLL_S before the window (or the first packet).
+
+    An audio decoder's output depends on all it decoded before (AAC's noise substitution and
+    WMA's noise draw from a generator that runs on; MP3 and Vorbis carry bits and overlap), so
+    a window gets the same samples however it was reached only from a decoder started afresh at a
+    packet the window alone decides; decode_clip and decode_windows both start it here. The
+    pre-roll lets the decoder settle before the window: a decoder started cold gets the first
+    block or two wrong, and nothing after. AAC and WMA overlap each block with the one before
+    (AAC 1024 samples, HE-AAC's SBR adds some 0.01 s; WMA at most 2048 samples, 0.13 s at 16 kHz);
+    MP3 overlaps granules of 576 samples and may take a frame's bits from the 511 bytes before it,
+    0.5 s at its lowest rate of 8 kbit/s; Vorbis overlaps blocks of at most 8192 samples (0.19 s at
+    44.1 kHz, 0.37 s at 22.05 kHz); Opus converges within 80 ms (RFC 7845, 4.6). One second covers
+    each of them. What a cold start leaves different is noise the codec itself draws at random.
+
+    The decoder is a new one with the stream's parameters where PyAV can set them all (the codecs
+    of _FRESH_DECODERS); any other codec (WMA needs its block size) borrows the unused decoder of
+    another opening of the input.
+    """
+
+    def __init__(self, stream, source: Source, spec: DecodeSpec, start: float, origin: float):
+        self.tb, self.origin, self.spec = float(stream.time_base), origin, spec
+        self.sound = _Sound(start, spec)
+        self.end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+        self.lender = None
+        own = stream.codec_context
+        if own.name in _FRESH_DECODERS:
+            self.decoder = av.CodecContext.create(own.codec, "r")
+            self.decoder.extradata, self.decoder.sample_rate, self.decoder.layout = own.extradata, own.sample_rate, own.layout
+            self.decoder.bit_rate = own.bit_rate or 0
+            self.decoder.options = {"pkt_timebase": str(stream.time_base)}
+        else:
+            self.lender = _open_container(source, spec)
+            self.decoder = self.lender.streams[stream.index].codec_context
+
+    def feed(self, packet) -> None:
+        """Decode the next packet; its frames (or, for a packet the decoder rejects, its silence)
+        go to the window, so that later audio keeps its time."""
         ts = packet.pts if packet.pts is not None else packet.dts
-        t = None if ts is None else ts * tb - origin  # None: a flush packet
-        if t is not None:
-            _check_duration(t, spec)
-        frames = _decode_packet(packet)
+        t = None if ts is None else ts * self.tb - self.origin
+        frames = _decode_packet(packet, self.decoder)
         if frames is None:
             if packet.duration and t is not None:
-                gap = packet.duration * tb
-                end = None if end is None else end + gap
-                yield None, t, gap
-            continue
+                gap = packet.duration * self.tb
+                self.end = None if self.end is None else self.end + gap
+                self.sound.add(None, t, gap)
+            return
         for frame in frames:
-            t = end if frame.pts is None else frame.pts * tb - origin
+            t = self.end if frame.pts is None else frame.pts * self.tb - self.origin
             if t is not None:
-                end = t + frame.samples / frame.sample_rate
-                yield frame, t, frame.samples / frame.sample_rate
+                self.end = t + frame.samples / frame.sample_rate
+                self.sound.add(frame, t, frame.samples / frame.sample_rate)
+
+    def close(self) -> np.ndarray:
+        if self.lender is not None:
+            self.lender.close()
+        return self.sound.samples()
 
 
 class _Sound:
@@ -566,21 +775,26 @@ def _video_stream(container, spec: DecodeSpec):
     if video.codec_context is None:
         raise DecodeError("undecodable", "no decoder for the video codec")
     _check_pixels(video.codec_context.width, video.codec_context.height, spec)
-    declared = container.duration / av.time_base if container.duration else None
-    declared = declared or _seconds(video.duration, video)
+    declared = _declared_seconds(container, video)
     if declared and declared > spec.max_duration_s:
         raise DecodeError("too_long", f"{declared:.1f} s > max_duration_s {spec.max_duration_s:g}")
     return video
 
 
-def _decode_packet(packet) -> list | None:
+def _declared_seconds(container, video) -> float | None:
+    """The length the header declares, which may be wrong or missing."""
+    declared = container.duration / av.time_base if container.duration else None
+    return declared or _seconds(video.duration, video)
+
+
+def _decode_packet(packet, decoder=None) -> list | None:
     """The packet's frames, or None when the decoder rejects it.
 
     A damaged packet is dropped, as every player does (the codec conceals the gap), instead of
     failing the whole clip; a clip fails only when no video frame decodes at all.
     """
     try:
-        return packet.decode()
+        return packet.decode() if decoder is None else decoder.decode(packet)
     except av.error.FFmpegError:
         return None
 

@@ -4,7 +4,7 @@ The model's config (`groupemotion_core.model.config`) needs the decode geometry,
 machine that runs the model on synthetic input without any media library; keeping these types
 apart from the decoder (`groupemotion_core.media.decode`) lets the model import without PyAV.
 
-A window is `clip_seconds` of a video from a start time (DESIGN.md). `plan_windows` lays windows
+A window is `clip_seconds` of a video from a start time (docs/architecture.md, "Windows"). `plan_windows` lays windows
 over a video of known length: `first` is the VGAF way (one window from 0), `all` covers the whole
 video, `stride_s` apart, and `max_windows` spreads at most K of those evenly over a long video.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A last window shorter than this is dropped, unless it is the only one (DESIGN.md).
+# A last window shorter than this is dropped, unless it is the only one (docs/architecture.md, "Windows").
 MIN_WINDOW_S = 1.0
 WINDOW_MODES = ("all", "first")
 
@@ -38,6 +38,11 @@ class DecodeSpec:
     @property
     def audio_samples(self) -> int:
         return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int, int]:
+        """A clip's uint8 frames: [T, H, W, 3]."""
+        return (self.num_frames, self.frame_size, self.frame_size, 3)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ class SyntheticClip:
     container: str = "mp4"  # a key of CONTAINERS (the file extension)
     rotation: int = 0  # degrees counterclockwise a player turns the stored picture (0, 90, 180, 270)
     keyint: int = 0  # frames from one keyframe to the next; 0: the encoder's default
+    bframes: int = 0  # B-frames between references (H.264, HEVC), as web encoders write them
+    video_codec: str | None = None  # the encoder, e.g. libx265; None: the container's usual one
 
 
 # Container (file extension) -> (FFmpeg muxer, video encoder, audio encoder, audio rate or None
@@ -80,6 +82,7 @@ def _encode(spec: SyntheticClip, target) -> None:
     rng = np.random.default_rng(spec.seed)
     cls = CLASSES.index(spec.label)
     fmt, video_codec, audio_codec, audio_rate = CONTAINERS[spec.container]
+    video_codec = spec.video_codec or video_codec
     turns = spec.rotation // 90
     if spec.rotation % 90:
         raise ValueError(f"rotation must be a multiple of 90 degrees, got {spec.rotation}")
@@ -91,8 +94,11 @@ def _encode(spec: SyntheticClip, target) -> None:
         video = out.add_stream(video_codec, rate=rate)
         video.width, video.height = (spec.height, spec.width) if turns % 2 else (spec.width, spec.height)
         video.pix_fmt = "yuv420p"
-        if video_codec == "libx264":
-            video.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        if video_codec == "libx264":  # zerolatency would rule B-frames out
+            video.options = {"preset": "ultrafast", "x264-params": f"bframes={spec.bframes}"} if spec.bframes else \
+                {"preset": "ultrafast", "tune": "zerolatency"}
+        elif video_codec == "libx265":
+            video.options = {"preset": "ultrafast", "x265-params": f"bframes={spec.bframes}:log-level=error"}
         if spec.keyint:
             video.codec_context.gop_size = spec.keyint
         if turns % 4:

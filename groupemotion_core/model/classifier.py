@@ -11,6 +11,7 @@ Construction is random init and offline; see `groupemotion_core.weights.pretrain
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,22 @@ class GroupEmotionModel(nn.Module):
         video_tokens = self.vision(frames)
         audio_tokens, audio_mask = self.audio(audio, audio_len)
         return self.fusion(audio_tokens, audio_mask, video_tokens)
+
+    @torch.inference_mode()
+    def probabilities(self, frames: np.ndarray, audio: np.ndarray, audio_len: np.ndarray) -> np.ndarray:
+        """Decoded windows (numpy, as `forward` takes them) -> softmax probabilities float32 [B, C].
+
+        What `groupemotion infer` writes for a window and `Labeller` returns, from this one place:
+        on the model's device, under bf16 autocast on a GPU (as training ran there). Call it on
+        a model in eval mode.
+        """
+        device = next(self.parameters()).device
+        frames_t = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+        audio_t = torch.from_numpy(np.ascontiguousarray(audio)).to(device)
+        audio_len_t = torch.from_numpy(np.asarray(audio_len, dtype=np.int64)).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = self(frames_t, audio_t, audio_len_t)
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The pretrained towers (timm backbone, HuBERT): fine-tuned at a reduced learning rate."""

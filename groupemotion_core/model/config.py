@@ -1,7 +1,9 @@
-"""Typed configuration of the model: every size is a field, and two presets name the useful sets.
+"""Typed configuration of the model: every size is a field, and presets name the useful sets.
 
-`paper` reproduces Evtodienko's model (ResNet101d + HuBERT base, cross-modal attention fusion);
-`tiny` keeps the same architecture at toy widths so a whole test suite runs on two CPU cores.
+`paper` reproduces Evtodienko's model (ResNet101d + HuBERT base, cross-modal attention fusion) as
+the paper's formula writes it; `paper-framewise` is the same model with the backbone run on every
+frame (`VisionConfig.temporal_pool`); `tiny` keeps the paper's architecture at toy widths so a
+whole test suite runs on two CPU cores.
 A `ModelConfig` round-trips through JSON (`to_dict` / `from_dict`) and is saved beside every
 checkpoint, so a result can always be traced back to the exact model that made it.
 """
@@ -17,13 +19,30 @@ from groupemotion_core.media.spec import DecodeSpec
 from groupemotion_core.schema import CLASSES
 
 
+# Where the vision tower averages a clip's frames over time (VisionConfig.temporal_pool).
+TEMPORAL_POOLS = ("frames", "features")
+
+
 @dataclass
 class VisionConfig:
-    """The frame encoder: any timm backbone that yields a final feature map."""
+    """The frame encoder: any timm backbone that yields a final feature map, and where it
+    averages the clip's T frames over time (`temporal_pool`; docs/architecture.md, "Vision
+    temporal pooling"):
+
+    - "frames": before the backbone, as the paper's formula writes it (section 4.1,
+      v_emb = PL(ResNet101d(M(v)))): the CNN runs once per clip, on the mean picture, "an
+      inexpensive way to make use of temporal information"; about 1/T of the other's vision cost.
+    - "features": after it, ClipBERT's way: the CNN runs on every frame and its T feature maps
+      are averaged, so it sees real frames rather than a blend of them, at T times the cost.
+
+    A config that does not name it means "features": every checkpoint saved before the field
+    existed was trained that way and must load as it was trained.
+    """
 
     backbone: str = "resnet101d"
     # Extra keyword arguments for timm.create_model (e.g. narrower `channels` for the tiny preset).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    temporal_pool: str = "features"
 
 
 @dataclass
@@ -98,6 +117,9 @@ class ModelConfig:
         a = self.audio
         if not len(a.conv_dim) == len(a.conv_kernel) == len(a.conv_stride):
             problems.append("audio.conv_dim, conv_kernel and conv_stride must have the same length")
+        if self.vision.temporal_pool not in TEMPORAL_POOLS:
+            problems.append(f"vision.temporal_pool must be one of {', '.join(TEMPORAL_POOLS)}, "
+                            f"got {self.vision.temporal_pool!r}")
         if self.num_frames < 1 or self.image_size < 32 or self.sample_rate < 1 or self.clip_seconds <= 0:
             problems.append("num_frames >= 1, image_size >= 32, sample_rate >= 1, clip_seconds > 0")
         if problems:
@@ -136,16 +158,26 @@ def _paper() -> ModelConfig:
     # gives no fusion sizes; this matches the encoder it mixes in and keeps heads as wide as the
     # ones those representations were trained with. layerdrop is 0 (the hub config has 0.1):
     # the paper does not mention LayerDrop, and under DDP a skipped layer gets no gradient.
-    return ModelConfig(vision=VisionConfig("resnet101d"), audio=AudioConfig(), fusion=FusionConfig(768, 12, 0.1))
+    return ModelConfig(vision=VisionConfig("resnet101d", temporal_pool="frames"), audio=AudioConfig(),
+                       fusion=FusionConfig(768, 12, 0.1))
+
+
+def _paper_framewise() -> ModelConfig:
+    # The paper's model with the backbone on every frame (ClipBERT's pooling): the other reading
+    # of section 4.1, and how every checkpoint from before `temporal_pool` was trained.
+    cfg = _paper()
+    cfg.vision.temporal_pool = "features"
+    return cfg
 
 
 def _tiny() -> ModelConfig:
-    # Same architecture at toy widths. zero_init_last=False so that every weight of the random
+    # The paper's architecture (and pooling) at toy widths. zero_init_last=False so that every weight of the random
     # ResNet receives a non-zero gradient on the first step (timm zero-inits the last BN of each
     # block otherwise). The audio conv stack keeps HuBERT's 320-sample (20 ms) total stride.
     return ModelConfig(
         vision=VisionConfig(
-            "resnet10t", {"channels": [16, 32, 64, 128], "stem_width": 8, "zero_init_last": False}
+            "resnet10t", {"channels": [16, 32, 64, 128], "stem_width": 8, "zero_init_last": False},
+            temporal_pool="frames",
         ),
         audio=AudioConfig(
             hidden_size=32,
@@ -163,11 +195,12 @@ def _tiny() -> ModelConfig:
     )
 
 
-_PRESETS = {"paper": _paper, "tiny": _tiny}
+_PRESETS = {"paper": _paper, "paper-framewise": _paper_framewise, "tiny": _tiny}
+PRESETS = tuple(_PRESETS)
 
 
 def preset(name: str) -> ModelConfig:
-    """A fresh ModelConfig for a named preset: "paper" or "tiny"."""
+    """A fresh ModelConfig for a named preset (PRESETS)."""
     if name not in _PRESETS:
         raise GroupEmotionError("bad_config", f"unknown preset {name!r}; expected one of {', '.join(_PRESETS)}")
     return _PRESETS[name]()

@@ -17,13 +17,13 @@ from groupemotion_core.model.config import AudioConfig, VisionConfig
 
 
 class VisionEncoder(nn.Module):
-    """A timm 2D backbone on every frame, ClipBERT temporal mean pooling, spatial positions as tokens.
+    """A timm 2D backbone, a mean over time, spatial positions as tokens.
 
-    The paper writes ResNet(M(v)) (pool the frames, then the CNN), but DESIGN.md and ClipBERT
-    pool the per-frame *feature maps*: the backbone sees real frames rather than a blurred average
-    of them. We follow DESIGN.md: backbone per frame, then the mean over time of the last feature
-    map. Frames travel as uint8 and are normalised here with the backbone's own mean and std
-    (buffers, saved with the checkpoint, so inference uses what fine-tuning used).
+    The mean over time is taken of the frames before the backbone (the paper's ResNet(M(v))) or
+    of its feature maps after it (ClipBERT's), as `VisionConfig.temporal_pool` says; its
+    docstring says why both exist. Frames travel as uint8 and are normalised here with the
+    backbone's own mean and std (buffers, saved with the checkpoint, so inference uses what
+    fine-tuning used); normalising is affine, so it commutes with the mean.
     """
 
     def __init__(self, cfg: VisionConfig, dim: int):
@@ -35,6 +35,7 @@ class VisionEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1))
         self.proj = nn.Linear(self.backbone.num_features, dim)
+        self.pool_frames_first = cfg.temporal_pool == "frames"
 
     def set_normalization(self, mean, std) -> None:
         """Use the pixel statistics that a set of pretrained weights was trained with."""
@@ -46,11 +47,15 @@ class VisionEncoder(nn.Module):
         if frames.dtype != torch.uint8:
             raise TypeError(f"frames must be uint8 [B,T,H,W,3] (normalised inside the model), got {frames.dtype}")
         b, t, h, w, c = frames.shape
+        if self.pool_frames_first:  # M(v): one mean picture per clip
+            x = frames.sum(dim=1, dtype=torch.float32).div_(255.0 * t)  # [B, H, W, 3]
+        else:
+            x = frames.reshape(b * t, h, w, c).float().div_(255.0)  # [B*T, H, W, 3]
         # NHWC -> NCHW as a view: the tensor stays channels-last in memory, which convs prefer.
-        x = frames.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-        x = (x.float().div_(255.0) - self.mean) / self.std
-        maps = self.backbone.forward_features(x)  # [B*T, C, h', w']
-        maps = maps.reshape(b, t, *maps.shape[1:]).mean(dim=1)  # ClipBERT temporal mean pooling
+        x = (x.permute(0, 3, 1, 2) - self.mean) / self.std
+        maps = self.backbone.forward_features(x)  # [B or B*T, C, h', w']
+        if not self.pool_frames_first:
+            maps = maps.reshape(b, t, *maps.shape[1:]).mean(dim=1)  # ClipBERT: the mean of the maps
         tokens = maps.flatten(2).transpose(1, 2)  # [B, h'*w', C]
         return self.proj(tokens)
 

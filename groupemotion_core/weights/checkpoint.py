@@ -11,7 +11,6 @@ bounded config.json; any mismatch between the two is a `bad_checkpoint` error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors.torch import load_model, save_model
 
 from groupemotion_core.model.config import ModelConfig
 from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.weights.convert import sha256_file
 
 if TYPE_CHECKING:
     from groupemotion_core.model.classifier import GroupEmotionModel
@@ -135,8 +135,4 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return sha256_file(path)[:12]

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from groupemotion_core.model.classifier import GroupEmotionModel
 
+HUB_PREFIX = "hf-hub:"  # optional before a hub id; it marks one where a path is also possible (--model)
 # What a hub snapshot fetches: the weights and the JSON that describes them, never a pickle.
 HUB_FILES = ("config.json", "preprocessor_config.json", WEIGHTS_NAME)
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -99,13 +100,22 @@ def resolve(source: str, kind: str) -> WeightsSource:
     path = Path(source).expanduser()
     if path.exists():
         return WeightsSource(source, _local_weights(path, kind, source))
+    return resolve_hub(source, kind)
+
+
+def resolve_hub(source: str, kind: str) -> WeightsSource:
+    """A hub id -> the cache's snapshot of the commit it names, which must hold model.safetensors.
+
+    Fine-tuned checkpoints (`--model hf-hub:...`, kind "checkpoint") are resolved here too: the
+    same pinning, cache and offline behaviour as the encoders.
+    """
     repo, revision = parse_hub_id(source, kind)
     revision = revision or "main"
     snapshot = _fetch(repo, revision, source)
     if not (snapshot / WEIGHTS_NAME).is_file():
+        convert = "" if kind == "checkpoint" else f", or download its pickle and {_CONVERT_HINT}"
         raise GroupEmotionError("bad_weights", f"{source}: {repo} has no {WEIGHTS_NAME} at revision {revision} "
-                                               f"(commit {snapshot.name}); pin a revision that has one, or "
-                                               f"download its pickle and {_CONVERT_HINT}")
+                                               f"(commit {snapshot.name}); pin a revision that has one{convert}")
     return WeightsSource(source, snapshot, repo=repo, revision=revision, commit=snapshot.name)
 
 
@@ -114,7 +124,7 @@ def parse_hub_id(source: str, kind: str) -> tuple[str, str | None]:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    name, pinned, revision = source.removeprefix("hf-hub:").partition("@")
+    name, pinned, revision = source.removeprefix(HUB_PREFIX).partition("@")
     if pinned and not revision:
         raise GroupEmotionError("bad_weights", f"{source}: empty revision after '@'")
     if kind == "vision" and "/" not in name:

@@ -1,1 +1,1 @@
-"""One module per `groupemotion` subcommand, each also `python -m ray_jobs.commands.<name>` for `ray job submit`: arguments in, a job's stages wired together, an exit status out."""
+"""One module per `groupemotion` subcommand, each also `python -m ray_jobs.commands.<name>` for `ray job submit`: arguments in, a job's stages wired together, an exit status out. `args` holds the options several of them take; no command imports another."""

@@ -15,43 +15,29 @@ import os
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import DecodeSpec, Window, decode_clip, decode_windows
-from groupemotion_core.media.spec import WINDOW_MODES, WindowPlan
+from groupemotion_core.media.spec import WindowPlan
+from groupemotion_core.videos import covered_seconds
+from ray_jobs.commands.args import add_window_arguments, non_negative_float, positive_float, positive_int, window_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = DecodeSpec()
     parser.add_argument("file", metavar="FILE", help="a local video file or an s3:// object")
-    parser.add_argument("--frames", type=_at_least(int, 1), default=default.num_frames,
+    parser.add_argument("--frames", type=positive_int, default=default.num_frames,
                         help="frames to sample per window, evenly spaced in time (default %(default)s)")
-    parser.add_argument("--size", type=_at_least(int, 1), default=default.frame_size,
+    parser.add_argument("--size", type=positive_int, default=default.frame_size,
                         help="side of the square, letterboxed output frames (default %(default)s)")
-    parser.add_argument("--seconds", type=_at_least(float, 1e-3), default=default.clip_seconds,
+    parser.add_argument("--seconds", type=positive_float, default=default.clip_seconds,
                         help="length of a window in seconds (default %(default)s)")
-    parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
-                        help="all: windows over the whole video; first: the first window only "
-                             "(default %(default)s)")
-    parser.add_argument("--stride", type=_at_least(float, 1e-3), default=None, metavar="S",
-                        help="seconds between window starts (default: the window length)")
-    parser.add_argument("--max-windows", type=_at_least(int, 1), default=None, metavar="K",
-                        help="at most K windows, spread evenly over the video (default: no cap)")
-    parser.add_argument("--start", type=_at_least(float, 0.0), default=None, metavar="S",
+    add_window_arguments(parser)
+    parser.add_argument("--start", type=non_negative_float, default=None, metavar="S",
                         help="decode only the one window that starts at S seconds")
-
-
-def _at_least(kind, low):
-    def parse(text: str):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-
-    return parse
 
 
 def run(args: argparse.Namespace) -> int:
     spec = DecodeSpec(num_frames=args.frames, frame_size=args.size, clip_seconds=args.seconds)
     source = _source(args.file, spec)
-    plan = WindowPlan(mode=args.windows, stride_s=args.stride, max_windows=args.max_windows)
+    plan = window_plan(args)
     if args.start is None:
         windows = list(decode_windows(source, spec, plan))
     elif plan != WindowPlan():
@@ -61,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
         windows = [Window(0, 1, args.start, args.start + clip.seconds, clip)]
     summary = {
         "file": args.file,
-        "frames_shape": [spec.num_frames, spec.frame_size, spec.frame_size, 3],
+        "frames_shape": list(spec.frame_shape),
         "sample_rate": spec.sample_rate,
         "clip_seconds": spec.clip_seconds,
-        "seconds": round(_covered([w for w in windows if w.error is None]), 3),
+        "seconds": round(covered_seconds((w.start_s, w.end_s) for w in windows if w.error is None), 3),
         "errors": sum(w.error is not None for w in windows),
         "windows": [_window_summary(w, spec) for w in windows],
     }
@@ -87,7 +73,7 @@ def _source(file: str, spec: DecodeSpec):
 def _window_summary(window: Window, spec: DecodeSpec) -> dict:
     summary = {"window": window.index, "start_s": round(window.start_s, 3), "end_s": round(window.end_s, 3)}
     if window.error is not None:
-        return {**summary, "error": f"{window.error.reason}: {window.error.detail}"}
+        return {**summary, "error": str(window.error)}
     clip = window.clip
     return {
         **summary,
@@ -97,15 +83,6 @@ def _window_summary(window: Window, spec: DecodeSpec) -> dict:
         "audio_seconds": round(clip.audio_len / spec.sample_rate, 3),
         "error": None,
     }
-
-
-def _covered(windows: list[Window]) -> float:
-    """Seconds of video inside at least one of the windows (they may overlap)."""
-    total, reached = 0.0, 0.0
-    for w in sorted(windows, key=lambda w: w.start_s):
-        total += max(0.0, w.end_s - max(w.start_s, reached))
-        reached = max(reached, w.end_s)
-    return total
 
 
 if __name__ == "__main__":

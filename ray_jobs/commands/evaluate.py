@@ -1,15 +1,17 @@
 """Evaluate a model on labelled clips: metrics JSON, a confusion-matrix picture and a per-class table.
 
-    groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--windows all|first]
+    groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--uri-column NAME] [--windows all|first]
                       [--stride S] [--max-windows K] [--batch-size N] [--actors N]
                       [--gpus-per-actor F] [--decode-cpus N] [--stall-timeout S] [--verbose]
 
 DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
-them from --labels, a VGAF-style CSV, or from class-named folders). The videos go through the very
+them from --labels, a VGAF-style CSV, or from class-named folders; a table of videos takes them
+from its `label` column, a class name or a VGAF number, and its URIs from `uri` or
+--uri-column). The videos go through the very
 prediction pipeline of `infer` (`ray_jobs.predict.pipeline`), windows and all, so a score describes the
 job that labels production data, decoder included. Scores are per video: a video's prediction is
 its `videos/` label in `infer`, the mean of its windows' probabilities weighted by window length
-(`pipeline.video_row`). The window options are infer's (default: every window of the video; a
+(`groupemotion_core.videos.video_row`). The window options are infer's (default: every window of the video; a
 VGAF 5 s clip is one window). Only the small prediction rows come back to the driver, which holds
 the rows of the videos in flight.
 
@@ -17,7 +19,7 @@ DIR (a local folder) receives:
 
     metrics.json          `groupemotion_core.model.training.classification_metrics` over the videos with
                           a known label and at least one labelled window, plus precision/F1 per
-                          class, the model id, the data, the window plan, and how many videos were
+                          class, the model id (and for a hub model its commit), the data, the window plan, and how many videos were
                           unlabelled or failed (errors by reason; failed windows apart)
     confusion_matrix.png  as the paper's Fig. 2: counts and row-normalised percentages, true class
                           on the rows, predicted class on the columns
@@ -43,26 +45,32 @@ from dataclasses import asdict
 
 import numpy as np
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason, split_error
 from groupemotion_core.schema import CLASSES, UNKNOWN_LABEL, ClipRow, VideoRow, label_index
 from groupemotion_core.media.spec import WindowPlan
+from groupemotion_core.videos import TRUTH, VideoCollector, error_counts, video_row
 from ray_jobs.predict import pipeline
 from ray_jobs.inputs import storage
-from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, add_stall_argument, exit_in_bounded_time
+from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
+from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
+from ray_jobs.inputs.tables import URI_COLUMN, check
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pipeline.add_prediction_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--report", required=True, metavar="DIR", help="local folder for the report")
     parser.add_argument("--labels", metavar="CSV", help="labels CSV for plain videos (VGAF layout)")
+    parser.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
+                        help="a table input's column of video URIs (default: %(default)s); labels come "
+                             "from its `label` column")
     add_stall_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
-        metrics = evaluate(args.inputs, args.model, args.report, pipeline.prediction_options(args),
-                           plan=pipeline.window_plan(args), labels_csv=args.labels, verbose=args.verbose,
-                           stall_timeout_s=args.stall_timeout)
+        metrics = evaluate(args.inputs, args.model, args.report, prediction_options(args),
+                           plan=window_plan(args), labels_csv=args.labels, uri_column=args.uri_column,
+                           verbose=args.verbose, stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     print(f"report: {os.path.abspath(args.report)}", flush=True)
     return 0
@@ -76,13 +84,13 @@ def evaluate(
     *,
     plan: WindowPlan = WindowPlan(),
     labels_csv: str | None = None,
+    uri_column: str = URI_COLUMN,
     verbose: bool = False,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> dict:
     """Predict every video of `data`, score the labelled ones, write the report; return metrics.json."""
     from groupemotion_core.model.training import classification_metrics
     from ray_jobs.runtime.console import Progress
-    from ray_jobs.commands.infer import log_stats
     from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
     from ray_jobs.runtime.session import ensure_ray
     from ray_jobs.inputs.sources import list_inputs
@@ -92,14 +100,16 @@ def evaluate(
     if model_ref.startswith("preset:"):
         warn_random_weights(model_ref)
     uris = list_inputs(data)
+    check(uris, uri_column)  # a table's mistakes show before Ray starts
     ensure_ray(verbose=verbose)
-    predictions = pipeline.predict(uris, model_ref, cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
+    predictions = pipeline.predict(uris, info["pinned_ref"], cfg.decode_spec(), plan, options.resolved(),
+                                   labels_csv=labels_csv, uri_column=uri_column)
 
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()
     videos = windows = 0
     unread: list[str] = []  # videos the object store failed to serve
-    collector = pipeline.VideoCollector()
+    collector = VideoCollector()
     progress = Progress("eval", pipeline.video_count(uris), "videos")
     try:
         for batch in pipeline.driver_batches(predictions, stall_timeout_s):
@@ -107,23 +117,23 @@ def evaluate(
                 rows = collector.add(row)
                 if rows is None:
                     continue
-                video = pipeline.video_row(rows)
+                video = video_row(rows)
                 if storage.is_storage_failure(video[VideoRow.ERROR]):
                     unread.append(video[VideoRow.ERROR])
                 videos += 1
                 windows += video[VideoRow.WINDOWS]
-                window_errors.update(pipeline.error_counts(r for r in rows if r[ClipRow.WINDOW] >= 0))
+                window_errors.update(error_counts(r for r in rows if ClipRow.is_window(r[ClipRow.WINDOW])))
                 if video[VideoRow.ERROR] is not None:
-                    errors[pipeline.error_reason(video[VideoRow.ERROR])] += 1
-                elif video[pipeline.TRUTH] != UNKNOWN_LABEL:
-                    y_true.append(int(video[pipeline.TRUTH]))
+                    errors[error_reason(video[VideoRow.ERROR])] += 1
+                elif video[TRUTH] != UNKNOWN_LABEL:
+                    y_true.append(int(video[TRUTH]))
                     y_pred.append(label_index(video[VideoRow.LABEL]))
                 progress.advance(1, windows=video[VideoRow.WINDOWS], errors=int(video[VideoRow.ERROR] is not None))
     finally:
         progress.close()
-    log_stats(predictions)
+    pipeline.log_stats(predictions)
     if unread:
-        reason, _, detail = unread[0].partition(": ")
+        reason, detail = split_error(unread[0])
         raise GroupEmotionError(reason, f"{len(unread)} of {videos} videos could not be read from the object "
                                 f"store after retries (first: {detail}); no report written; run it again")
     if not y_true:
@@ -137,6 +147,7 @@ def evaluate(
         per_class=per_class(confusion),
         model_id=info["model_id"],
         model_ref=model_ref,
+        model_hub=info["hub"],
         data=list(data),
         labels_csv=labels_csv,
         window_plan=asdict(plan),

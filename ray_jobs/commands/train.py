@@ -1,7 +1,8 @@
 """Fine-tune the audio-visual model end to end with Ray Train (DDP), as in the paper's section 5.
 
-Reads labelled clips (tar shards written by `groupemotion pack`, or video folders with one
-subfolder per class) from local paths or s3:// URIs, decodes them in the Ray Data decode stage,
+Reads labelled clips (tar shards written by `groupemotion pack`, video folders with one
+subfolder per class, or tables of videos with a `uri` and a `label` column: see
+`ray_jobs.inputs.tables`) from local paths or s3:// URIs, decodes them in the Ray Data decode stage,
 and trains on N Ray Train workers (one GPU each with --gpu): Adam at --lr, encoders at
 lr x 1e-2, label smoothing 0.2, bf16 autocast on GPUs. After every epoch the validation accuracy, macro-F1,
 per-class recall and confusion matrix are printed and a checkpoint is written.
@@ -11,7 +12,9 @@ What lands under --output (a local folder or s3://bucket/prefix):
   metrics.jsonl     one JSON line of metrics per finished epoch
   checkpoints/      the Ray Train run: epoch_NNNN/ (model, optimizer, epoch; safetensors + JSON)
   best/             the best epoch by validation accuracy in the core's checkpoint format,
-                    ready for `groupemotion infer` and `groupemotion eval`
+                    ready for `groupemotion infer` and `groupemotion eval`, with a model card
+                    (README.md: the paper, data, config, validation scores) so that the folder
+                    can be uploaded to the Hugging Face hub as it is (`--model hf-hub:...`)
 
 Decode once: with --cache URI (local or s3://) each split is decoded once into a cache of decoded
 clips (`ray_jobs.train.clip_cache`: JPEG frames at most a quarter of their raw size, 16-bit audio)
@@ -48,8 +51,11 @@ import tempfile
 from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.model.config import PRESETS, ModelConfig, preset
 from ray_jobs.inputs import storage
-from ray_jobs.runtime.watchdog import add_stall_argument, exit_in_bounded_time
+from ray_jobs.commands.args import add_stall_argument
+from ray_jobs.inputs.tables import URI_COLUMN, check, is_table
+from ray_jobs.runtime.watchdog import exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"  # the Ray Train run name under --output
@@ -59,9 +65,12 @@ BEST = "best"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--train", nargs="+", required=True, metavar="URI",
-                      help="training data: tar shard prefixes/manifests or video folders (local or s3://)")
+                      help="training data: tar shard prefixes/manifests, video folders, or tables "
+                           "(.parquet/.csv/.jsonl with uri and label columns) (local or s3://)")
     data.add_argument("--val", nargs="+", required=True, metavar="URI",
                       help="validation data, same forms as --train")
+    data.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
+                      help="a table input's column of video URIs (default: %(default)s)")
     data.add_argument("--output", required=True, metavar="URI",
                       help="run folder (local or s3://); reusing it resumes the run")
     data.add_argument("--decode-cpus", type=float, default=1.0, metavar="N",
@@ -72,9 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "decode settings, reads it instead of decoding again")
 
     model = parser.add_argument_group("model").add_mutually_exclusive_group()
-    model.add_argument("--preset", choices=("tiny", "paper"), default="paper",
-                       help="model preset: `paper` (ResNet-101d + HuBERT base) or `tiny` (small "
-                            "encoders for CPU smoke runs) (default: %(default)s)")
+    model.add_argument("--preset", choices=PRESETS, default="paper",
+                       help="model preset: `paper` (ResNet-101d + HuBERT base, the frames averaged "
+                            "before the CNN as the paper's formula), `paper-framewise` (the CNN on "
+                            "every frame, its feature maps averaged: about 8x the vision cost) or "
+                            "`tiny` (small encoders for CPU smoke runs) (default: %(default)s)")
     model.add_argument("--config", metavar="FILE.json",
                        help="a model configuration file (ModelConfig fields) instead of a preset")
     weights = parser.add_argument_group("pretrained encoders (fresh runs only; a resumed run loads its checkpoint)")
@@ -147,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         datasets = _datasets(args, cfg)
         result = _fit(args, run_config, datasets)
-    _export_best(result, args.output)
+    _export_best(result, args.output, run_config)
     return 0
 
 
@@ -162,11 +173,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise GroupEmotionError("bad_argument", "--lr and --decode-cpus must be positive")
     if args.max_failures < -1:
         raise GroupEmotionError("bad_argument", "--max-failures must be -1 (unlimited) or more")
+    if args.cache and any(is_table(uri) for uri in [*args.train, *args.val]):
+        raise GroupEmotionError("bad_argument", "--cache reads shards and video folders; read a table without it")
+    check([*args.train, *args.val], args.uri_column, labelled=True)
 
 
 def _model_config(args: argparse.Namespace):
-    from groupemotion_core.model.config import ModelConfig, preset
-
     if args.config is None:
         return preset(args.preset)
     try:
@@ -229,7 +241,8 @@ def _check_same_model(output: str, run_config: dict[str, Any]) -> None:
     if not storage.exists(path):
         return
     saved = json.loads(storage.read_bytes(path))
-    if saved.get("model") != run_config["model"]:
+    # Through ModelConfig, so a run saved before a field existed compares with that field's default.
+    if ModelConfig.from_dict(saved.get("model", {})).to_dict() != run_config["model"]:
         raise GroupEmotionError("config_mismatch", f"{output} holds a run of another model "
                                 f"configuration (see {path}); use a new --output or the same model")
 
@@ -266,7 +279,8 @@ def _datasets(args: argparse.Namespace, cfg) -> dict[str, Any]:
     spec = cfg.decode_spec()
     splits = (("train", args.train), ("val", args.val))
     if not args.cache:
-        return {split: decode_dataset(read_sources(uris), spec, FIRST_WINDOW, num_cpus=args.decode_cpus)
+        return {split: decode_dataset(read_sources(uris, uri_column=args.uri_column), spec, FIRST_WINDOW,
+                                      num_cpus=args.decode_cpus)
                 for split, uris in splits}
     from ray_jobs.train.clip_cache import ClipCache
 
@@ -348,9 +362,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_func_per_worker(config)
 
 
-def _export_best(result, output: str) -> None:
-    """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format."""
+def _export_best(result, output: str, run_config: dict[str, Any]) -> None:
+    """Write the best epoch by val accuracy to OUTPUT/best in the core's checkpoint format, with
+    its model card (`groupemotion_core.weights.model_card`): a folder to upload to the hub as it is."""
     from groupemotion_core.weights.checkpoint import export_checkpoint
+    from groupemotion_core.weights.model_card import write_model_card
 
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "val_accuracy" in m]
     if not scored:
@@ -359,6 +375,7 @@ def _export_best(result, output: str) -> None:
     with checkpoint.as_directory() as source, tempfile.TemporaryDirectory(prefix="groupemotion-best-") as directory:
         model_id = export_checkpoint(source, directory, epoch=metrics["epoch"], val_accuracy=metrics["val_accuracy"],
                                      val_macro_f1=metrics["val_macro_f1"])
+        write_model_card(directory, run_config, metrics)
         storage.upload_dir(directory, storage.join(output, BEST))
     print(f"[train] best epoch {metrics['epoch']}: val_accuracy={metrics['val_accuracy']:.4f} "
           f"val_macro_f1={metrics['val_macro_f1']:.4f}; exported to {storage.join(output, BEST)} "

@@ -29,14 +29,6 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 
 
-def frame_bytes(spec: DecodeSpec) -> int:
-    return spec.num_frames * spec.frame_size * spec.frame_size * 3
-
-
-def audio_bytes(spec: DecodeSpec) -> int:
-    return spec.audio_samples * 4
-
-
 def main(argv: list[str]) -> None:
     from groupemotion_core.media.decode import decode_windows
 
@@ -74,12 +66,12 @@ def _send_window(conn: Connection, window, spec: DecodeSpec) -> None:
         _send_json(conn, {**header, "ok": False, "reason": window.error.reason, "detail": window.error.detail})
         return
     clip = window.clip
-    frames = np.ascontiguousarray(clip.frames, np.uint8).tobytes()
-    audio = np.ascontiguousarray(clip.audio, np.float32).tobytes()
-    if (len(frames), len(audio)) != (frame_bytes(spec), audio_bytes(spec)):
+    if (clip.frames.shape, clip.audio.shape) != (spec.frame_shape, (spec.audio_samples,)):
         detail = f"decode_windows gave frames {clip.frames.shape} and audio {clip.audio.shape}"
         _send_json(conn, {**header, "ok": False, "reason": "decoder_error", "detail": detail})
         return
+    frames = np.ascontiguousarray(clip.frames, np.uint8).tobytes()
+    audio = np.ascontiguousarray(clip.audio, np.float32).tobytes()
     _send_json(conn, {**header, "ok": True, "audio_len": int(clip.audio_len),
                       "frame_times": [float(t) for t in clip.frame_times]})
     conn.send_bytes(frames)

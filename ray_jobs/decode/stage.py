@@ -60,7 +60,6 @@ from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import DecodedClip, DecodeSpec, Window
 from groupemotion_core.schema import UNKNOWN_LABEL, ClipRow, SourceRow, label_index
 from groupemotion_core.media.spec import WindowPlan
-from ray_jobs.decode.child import audio_bytes, frame_bytes
 
 FAULT_INJECT_ENV = "GROUPEMOTION_FAULT_INJECT"
 _FAULT_MODES = ("crash", "hang")
@@ -163,10 +162,10 @@ class _DecodeBatch:
             return
         try:
             for w in self._decoder.windows(key, bytes(video)):
-                error = None if w.error is None else f"{w.error.reason}: {w.error.detail}"
+                error = None if w.error is None else str(w.error)
                 yield key, w.index, w.count, w.start_s, w.end_s, w.clip or self._blank(), index, error
         except GroupEmotionError as e:
-            yield self._failed(key, index, f"{e.reason}: {e.detail}")
+            yield self._failed(key, index, str(e))
 
     def _failed(self, key: str, label: int, error: str) -> tuple:
         return key, ClipRow.WHOLE_VIDEO, 0, 0.0, 0.0, self._blank(), label, error
@@ -174,7 +173,7 @@ class _DecodeBatch:
     def _blank(self) -> DecodedClip:
         s = self._spec
         return DecodedClip(
-            frames=np.zeros((s.num_frames, s.frame_size, s.frame_size, 3), np.uint8),
+            frames=np.zeros(s.frame_shape, np.uint8),
             audio=np.zeros(s.audio_samples, np.float32),
             audio_len=0,
             frame_times=[],
@@ -287,10 +286,11 @@ class SupervisedDecoder:
         error = None
         clip = None
         if header["ok"]:
-            frames = np.frombuffer(self._receive(None, frame_bytes(s)), np.uint8)
-            audio = np.frombuffer(self._receive(None, audio_bytes(s)), np.float32)
+            # The child sends buffers of exactly these shapes (`ray_jobs.decode.child`).
+            frames = np.frombuffer(self._receive(None, math.prod(s.frame_shape)), np.uint8)
+            audio = np.frombuffer(self._receive(None, 4 * s.audio_samples), np.float32)
             clip = DecodedClip(
-                frames=frames.reshape(s.num_frames, s.frame_size, s.frame_size, 3),
+                frames=frames.reshape(s.frame_shape),
                 audio=audio,
                 audio_len=int(header["audio_len"]),
                 frame_times=list(header["frame_times"]),

@@ -36,7 +36,7 @@ from typing import BinaryIO, Iterator
 import fsspec
 import pyarrow.fs as pafs
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason
 
 # botocore's budget per request inside a job: 6 attempts, waiting rand(0, 1) * 2**n seconds
 # before attempt n + 2 (about 15 s in all on average); AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, the
@@ -67,7 +67,7 @@ class StorageError(GroupEmotionError):
 def is_storage_failure(error: str | None) -> bool:
     """Whether a row's `error` (`<reason>: <detail>`) comes from a StorageError: that unit is
     not done, and a rerun must try it again."""
-    return bool(error) and error.split(":", 1)[0] in StorageError.REASONS
+    return bool(error) and error_reason(error) in StorageError.REASONS
 
 
 def is_remote(uri: str) -> bool:

@@ -1,14 +1,19 @@
-"""Resolving `--model REF` into a model: a checkpoint directory or URI, or a random preset.
+"""Resolving `--model REF` into a model: a checkpoint directory or URI, a hub id, or a random preset.
 
 Jobs take one string for the model, so a checkpoint that `groupemotion train` wrote to s3:// is
-used as it is. `preset:tiny` / `preset:paper` build the preset with random weights, for smoke
+used as it is. `hf-hub:OWNER/REPO[@REVISION]` is a checkpoint on the Hugging Face hub (the folder
+`train` exports, uploaded as it is), resolved by `groupemotion_core.weights.pretrained` like the
+pretrained encoders: to one commit, safetensors and JSON only, from the HF cache when offline
+(HF_HUB_OFFLINE=1). `preset:tiny` / `preset:paper` build the preset with random weights, for smoke
 tests and throughput benchmarks: its labels mean nothing, and a loud warning on stderr says so.
 
 There are two entry points because the driver and the actors need different things:
 `describe_model_ref` reads only the config (the driver needs the decode geometry and the model
 id, not the weights), `load_model_ref` builds the model (once per actor). A random preset is
 built under a fixed seed, so every actor of a pool holds the same weights and a clip gets the
-same answer whichever actor labels it.
+same answer whichever actor labels it. The info's `pinned_ref` is what the actors load: a hub id
+pinned to the commit the driver resolved (a branch that moves while they start cannot give them
+other weights than the job records), the ref itself otherwise.
 
 A remote checkpoint is downloaded into a per-machine cache named after its URI and model id;
 the download goes to a temporary folder that is renamed into place (or deleted when the store
@@ -40,17 +45,21 @@ CACHE_ENV = "GROUPEMOTION_MODEL_CACHE"  # where remote checkpoints are cached (d
 
 
 def describe_model_ref(ref: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model config and info (`model_id`, `labels`, `ref`) behind REF, without any weights."""
+    """The model config and info (`model_id`, `labels`, `ref`, `pinned_ref`, and `hub`: the hub
+    commit and weights' sha256 for a hub id, else None) behind REF, without any weights."""
     if _preset_name(ref) is not None:
         cfg = _preset_config(ref)
         return cfg, _preset_info(ref, cfg)
-    meta = _read_config_json(ref)
+    hub = _hub_source(ref)
+    meta = _read_config_json(ref if hub is None else str(hub.path))
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         model_id = str(meta["model_id"])
     except KeyError as e:
         raise GroupEmotionError("bad_checkpoint", f"{ref}: {CONFIG_FILE} has no {e.args[0]!r}") from None
-    info = {"model_id": model_id, "labels": list(meta.get("labels", cfg.labels)), "ref": ref}
+    info = {"model_id": model_id, "labels": list(meta.get("labels", cfg.labels)), "ref": ref,
+            "pinned_ref": ref if hub is None else f"hf-hub:{hub.repo}@{hub.commit}",
+            "hub": None if hub is None else hub.record()}
     _check_labels(ref, info["labels"])
     return cfg, info
 
@@ -58,8 +67,8 @@ def describe_model_ref(ref: str) -> tuple[ModelConfig, dict[str, Any]]:
 def load_model_ref(ref: str, *, warn: bool = True):
     """REF -> (GroupEmotionModel in eval mode, info dict with at least `model_id` and `labels`).
 
-    REF is a checkpoint directory, a checkpoint URI (s3://...), or `preset:NAME` for random
-    weights (with a warning on stderr unless `warn` is False). Bad refs raise GroupEmotionError.
+    REF is a checkpoint directory, a checkpoint URI (s3://...), a hub id (hf-hub:OWNER/REPO[@REV]),
+    or `preset:NAME` for random weights (with a warning on stderr unless `warn` is False). Bad refs raise GroupEmotionError.
     """
     import torch
 
@@ -108,7 +117,14 @@ def _preset_config(ref: str) -> ModelConfig:
 
 
 def _preset_info(ref: str, cfg: ModelConfig) -> dict[str, Any]:
-    return {"model_id": f"{ref}-random", "labels": list(cfg.labels), "ref": ref}
+    return {"model_id": f"{ref}-random", "labels": list(cfg.labels), "ref": ref, "pinned_ref": ref, "hub": None}
+
+
+def _hub_source(ref: str):
+    """The hub snapshot (`pretrained.WeightsSource`) that a `hf-hub:` REF names, or None for another REF."""
+    from groupemotion_core.weights.pretrained import HUB_PREFIX, resolve_hub
+
+    return resolve_hub(ref, "checkpoint") if ref.startswith(HUB_PREFIX) else None
 
 
 def _check_labels(ref: str, labels: list[str]) -> None:
@@ -140,7 +156,10 @@ def _read_config_json(ref: str) -> dict[str, Any]:
 
 
 def _local_checkpoint_dir(ref: str) -> str:
-    """A local directory holding REF's files: REF itself, or a cached download of it."""
+    """A local directory holding REF's files: REF itself, its hub snapshot, or a cached download of it."""
+    hub = _hub_source(ref)
+    if hub is not None:
+        return str(hub.path)
     model_id = describe_model_ref(ref)[1]["model_id"]
     if not storage.is_remote(ref):
         return storage.filesystem(ref)[1]

@@ -30,17 +30,15 @@ so both cores decode while the model and the readers fill the gaps.
 
 from __future__ import annotations
 
-import argparse
-import collections
+import logging
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
-from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from groupemotion_core.media.spec import WINDOW_MODES, DecodeSpec, WindowPlan
+from groupemotion_core.media.spec import DecodeSpec, WindowPlan
+from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, WindowRow
+from groupemotion_core.videos import TRUTH
 
-TRUTH = "truth"  # prediction rows also carry the ClipRow label index, for evaluation
 # Read tasks move bytes; they hold this share of a CPU each, within a reserve of CPUs for reading.
 READ_TASK_CPUS = 0.25
 CPUS_PER_READ_CPU = 16
@@ -85,25 +83,18 @@ class Predictor:
 
         from ray_jobs.predict.model_ref import load_model_ref
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model_ref(model_ref, warn=False)[0].to(self.device)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_model_ref(model_ref, warn=False)[0].to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         # An all-null string column can reach numpy as floats (NaN), so "is an error" is "is a str".
         errors = np.array([e if isinstance(e, str) else None for e in batch[ClipRow.ERROR]], dtype=object)
         windows = np.asarray(batch[ClipRow.WINDOW])
-        ok = np.array([e is None for e in errors], dtype=bool) & (windows >= 0)  # not a marker
+        ok = np.array([e is None for e in errors], dtype=bool) & ClipRow.is_window(windows)
         probs = np.full((len(errors), len(CLASSES)), np.nan, dtype=np.float32)
         if ok.any():
-            frames = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.FRAMES][ok])).to(self.device)
-            audio = torch.from_numpy(np.ascontiguousarray(batch[ClipRow.AUDIO][ok])).to(self.device)
-            audio_len = torch.from_numpy(batch[ClipRow.AUDIO_LEN][ok].astype(np.int64)).to(self.device)
-            on_gpu = self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=on_gpu):
-                logits = self.model(frames, audio, audio_len)
-            probs[ok] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            probs[ok] = self.model.probabilities(batch[ClipRow.FRAMES][ok], batch[ClipRow.AUDIO][ok],
+                                                 batch[ClipRow.AUDIO_LEN][ok])
         names = np.array(CLASSES, dtype=object)[np.argmax(np.nan_to_num(probs, nan=0.0), axis=1)]
         passed = (ClipRow.KEY, ClipRow.WINDOW, ClipRow.WINDOWS, ClipRow.START_S, ClipRow.END_S)
         out = {name: batch[name] for name in passed}
@@ -121,21 +112,25 @@ def predict(
     *,
     labels_csv: str | None = None,
     shard_ends: bool = False,
+    table_reads=(),
+    uri_column: str | None = None,
+    videos: int | None = None,
 ):
     """Inputs -> a lazy Dataset of window prediction rows: the ClipRow key, window, windows,
     start_s and end_s, WindowRow's label, prob_* (NaN on error) and error, and TRUTH.
 
     `options` must be resolved (PredictOptions.resolved). Rows come in no particular order;
-    `VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
-    marker row (window = ClipRow.SHARD_END) comes through too.
+    `groupemotion_core.videos.VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
+    marker row (window = ClipRow.SHARD_END) comes through too. `table_reads` and `uri_column`
+    are `sources.read_sources`'; `videos` counts the inputs' videos when the caller knows.
     """
     import ray.data
 
     from ray_jobs.decode.stage import decode_dataset
 
-    videos = video_count(uris)
-    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends)
-    bound_object_store(sources, options, videos)
+    videos = video_count(uris) if videos is None and not table_reads else videos
+    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends,
+                         table_reads=table_reads, uri_column=uri_column)
     clips = decode_dataset(sources, spec, plan, num_cpus=1, actors=options.decode_cpus)
     gpus = options.gpus_per_actor or 0
     return clips.map_batches(
@@ -159,16 +154,33 @@ def driver_batches(predictions, stall_timeout_s: float):
     return watched(batches, stall_timeout_s, "no labelled window reached the driver")
 
 
+def log_stats(predictions) -> None:
+    """Ray Data's per-operator statistics of a finished prediction run, where the time went, to
+    its own log file only (infer's and eval's, after their loop over `driver_batches`)."""
+    logging.getLogger("ray.data").info("groupemotion: per-operator statistics\n%s", predictions.stats(),
+                                       extra={"hide": True})
+
+
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
-               shard_ends: bool = False):
+               shard_ends: bool = False, table_reads=(), uri_column: str | None = None):
     """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
     VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
-    task at a time per DECODERS_PER_READ_TASK decode actors, each in the CPUs the fixed pools leave."""
-    from ray_jobs.inputs.sources import read_sources
+    task (and one fetch task for a table's rows) at a time per DECODERS_PER_READ_TASK decode
+    actors, each in the CPUs the fixed pools leave, the whole held to `bound_object_store`."""
+    from ray_jobs.inputs.sources import fetch_stage, layout, read_sources
+    from ray_jobs.inputs.tables import URI_COLUMN
 
-    return read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
-                        concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
-                        blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
+    concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
+    if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
+        blocks = len(uris) + len(table_reads)
+    else:
+        blocks = None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK))
+    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS, concurrency=concurrency,
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
+    bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
+    if not table_reads and not any(layout(uri) == "table" for uri in uris):
+        return sources
+    return fetch_stage(sources, num_cpus=READ_TASK_CPUS, concurrency=concurrency)
 
 
 def bound_object_store(sources, options: PredictOptions, videos: int | None) -> None:
@@ -188,122 +200,13 @@ def bound_object_store(sources, options: PredictOptions, videos: int | None) -> 
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.decode_cpus * per_decoder)
 
 
-class VideoCollector:
-    """Gathers prediction rows by video: `add` returns a video's rows, in window order, once all
-    of them are in (its `windows` rows, or its one WHOLE_VIDEO row). Holds only unfinished videos."""
-
-    def __init__(self):
-        self._pending: dict[str, dict[int, dict]] = {}
-
-    def add(self, row: dict) -> list[dict] | None:
-        key = row[ClipRow.KEY]
-        if row[ClipRow.WINDOW] == ClipRow.WHOLE_VIDEO:
-            return [row]
-        got = self._pending.setdefault(key, {})
-        got[row[ClipRow.WINDOW]] = row
-        if len(got) < row[ClipRow.WINDOWS]:
-            return None
-        del self._pending[key]
-        return [got[i] for i in sorted(got)]
-
-    @property
-    def unfinished(self) -> list[str]:
-        return list(self._pending)
-
-
-def video_row(rows: list[dict]) -> dict:
-    """One video's window rows -> its VideoRow values (all but `model`), and TRUTH.
-
-    The probabilities are the mean of the labelled windows' probabilities weighted by each
-    window's length (a short last window counts for less); `seconds` is the video time those
-    windows cover (overlapping windows counted once). With no labelled window the row carries
-    the first window's error.
-    """
-    first = rows[0]
-    labelled = [r for r in rows if r[WindowRow.ERROR] is None and r[ClipRow.WINDOW] >= 0]
-    out = {VideoRow.KEY: first[ClipRow.KEY], VideoRow.WINDOWS: len(labelled), TRUTH: first.get(TRUTH)}
-    if not labelled:
-        error = next(r[WindowRow.ERROR] for r in rows if r[WindowRow.ERROR] is not None)
-        return {**out, VideoRow.LABEL: None, **dict.fromkeys(PROB_COLUMNS), VideoRow.SECONDS: 0.0,
-                VideoRow.ERROR: error}
-    spans = np.array([(r[ClipRow.START_S], r[ClipRow.END_S]) for r in labelled], dtype=np.float64)
-    weights = np.maximum(spans[:, 1] - spans[:, 0], 0.0)
-    if weights.sum() <= 0:  # a video of one frame: one window of no length
-        weights = np.ones(len(labelled))
-    probs = np.array([[r[name] for name in PROB_COLUMNS] for r in labelled], dtype=np.float64)
-    mean = weights @ probs / weights.sum()
-    return {**out, VideoRow.LABEL: CLASSES[int(np.argmax(mean))], **dict(zip(PROB_COLUMNS, mean.tolist())),
-            VideoRow.SECONDS: _covered(spans), VideoRow.ERROR: None}
-
-
-def _covered(spans: np.ndarray) -> float:
-    """The length of the union of [start, end) spans."""
-    total, end = 0.0, -np.inf
-    for start, stop in sorted(map(tuple, spans)):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return float(total)
-
-
 def video_count(uris: list[str]) -> int | None:
-    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest."""
+    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest
+    and no table is among them."""
     from ray_jobs.inputs.sources import layout, shard_videos
 
+    if any(layout(uri) == "table" for uri in uris):
+        return None
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())
-
-
-def error_reason(error: str) -> str:
-    return error.split(":", 1)[0].strip() or "unknown"
-
-
-def error_counts(rows: Iterable[dict]) -> collections.Counter:
-    return collections.Counter(error_reason(r[WindowRow.ERROR]) for r in rows if r[WindowRow.ERROR] is not None)
-
-
-# --- command line (the options `infer` and `eval` share) ------------------------------------------
-
-
-def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="tar shards, videos, folders, prefixes, globs, manifests")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint folder or URI, or preset:tiny|paper (random weights)")
-    parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
-                        help="all: windows over the whole video (default); first: one window from 0")
-    parser.add_argument("--stride", type=_positive_float, metavar="S",
-                        help="seconds between window starts (default: the model's clip length)")
-    parser.add_argument("--max-windows", type=_positive_int, metavar="K",
-                        help="at most K windows per video, spread evenly over it")
-    parser.add_argument("--batch-size", type=_positive_int, default=PredictOptions.batch_size,
-                        help="windows per model call")
-    parser.add_argument("--actors", type=_positive_int, help="model actors (default: one per GPU, or 1 without GPUs)")
-    parser.add_argument("--gpus-per-actor", type=float,
-                        help="GPUs per model actor (default: 1 with GPUs, else 0 = CPU)")
-    parser.add_argument("--decode-cpus", type=_positive_int,
-                        help="one-CPU decode actors (default: every CPU the model actors and readers leave)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own log output on the console")
-
-
-def prediction_options(args: argparse.Namespace) -> PredictOptions:
-    return PredictOptions(args.batch_size, args.actors, args.gpus_per_actor, args.decode_cpus)
-
-
-def window_plan(args: argparse.Namespace) -> WindowPlan:
-    return WindowPlan(args.windows, args.stride, args.max_windows)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value

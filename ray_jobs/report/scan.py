@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from ray_jobs.inputs import storage
-from ray_jobs.predict.pipeline import error_reason
+from groupemotion_core.errors import error_reason
 from ray_jobs.sinks import labels
 
 BINS = 20

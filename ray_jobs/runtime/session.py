@@ -33,6 +33,14 @@ reconfigure:
   `setup_worker.py` (one more interpreter start, about half a CPU-second a worker) and cannot
   use the workers the raylet prestarts while the driver sets up.
 A Ray started by someone else (a notebook, the test suite) keeps its own settings.
+
+Public settings do most of this (`log_to_driver`, `configure_logging`, DataContext, the runtime
+context's temp dir and session name for the log folder); `logging.lastResort` and file descriptor 2
+are Python's and the OS's, not Ray's. Two things have no public setting in Ray 2.60 and reach
+into `ray._private`: the error listener's `print_to_stdstream` (it prints the raylet's messages
+whatever `log_to_driver` says) and the name of the environment variable the raylet passes the
+worker setup hook in. pyproject.toml pins Ray to the minor release they were written for, and
+tests/jobs/runtime/test_runtime.py fails, naming which one, when a Ray changes either.
 """
 
 from __future__ import annotations
@@ -126,8 +134,9 @@ class _DriverLog(logging.Handler):
     def open(self) -> None:
         import ray
 
-        node = ray._private.worker._global_node  # the session Ray Data's own log file uses too
-        self.directory = node.get_logs_dir_path()
+        # The session's `logs/` folder, where Ray Data's own log file lives too.
+        context = ray.get_runtime_context()
+        self.directory = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")
         self._file = logging.FileHandler(os.path.join(self.directory, f"groupemotion-driver-{os.getpid()}.log"))
         self._file.setFormatter(self.formatter)
         for record in self._early:

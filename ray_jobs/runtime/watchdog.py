@@ -27,7 +27,6 @@ training resumes from its latest checkpoint, the pools are sized from the cluste
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import queue
@@ -50,21 +49,6 @@ class Stalled(GroupEmotionError):
 
     def __init__(self, reason: str = "stalled", detail: str = ""):
         super().__init__(reason, detail)
-
-
-def add_stall_argument(parser) -> None:
-    parser.add_argument(
-        "--stall-timeout", type=_positive_seconds, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
-        help="stop the job (error: stalled, exit status 2) when it has made no progress for S seconds, "
-             "e.g. after losing a node the cluster does not replace; running the same command again "
-             "finishes the work exactly once (default: %(default)g)")
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
 
 
 def watched(batches: Iterable[T], timeout_s: float, what: str) -> Iterator[T]:

@@ -1,38 +1,39 @@
 """Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
-input unit, committed when the unit is complete, in whatever order units complete.
+input unit (one tar shard, or a group of up to OBJECTS_PER_UNIT plain video objects), committed
+when the unit is complete, in whatever order units complete. How a unit is known complete in a
+stream of no order, how a unit a store failure touched is left for a rerun
+(`Summary.units_left`), and the fault-injection kill (GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N) are
+`ray_jobs.sinks.units`, which the clip cache shares; the driver holds the rows of the units in
+flight only.
 
-The unit of work is an input unit: one tar shard, or a group of up to OBJECTS_PER_UNIT plain video
-objects. A unit is complete when its known number of videos is complete, and a video when all its
-windows have a row (or its one whole-video error row has come). A group of objects knows its size
-from the listing; a shard's size is known to its reader only, which ends the shard with a marker
-row that counts its videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one
-slow video holds back only its own unit, and the driver holds the rows of the units in flight.
+The unit of work is an input unit: one tar shard, or one row group of the job's saved listing
+(`ray_jobs.inputs.listing`: consecutive rows of one table, or of the listed plain objects). A unit
+is complete when its known number of videos is complete, and a video when all its windows have a
+row (or its one whole-video error row has come). A row group knows its size from the listing; a
+shard's size is known to its reader only, which ends the shard with a marker row that counts its
+videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one slow video
+holds back only its own unit, and the driver holds the rows of the units in flight (and one small
+`Unit` per unit of the job: a row group is 256 videos).
 
-A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
-atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
+A table unit's videos/ rows come in the order of its rows, keyed by the row's URI, with the
+row's carried columns (read back from the listing's row group when the unit commits, so they
+never travel through the decoders) after the VideoRow columns, unchanged.
+
+The stream is placed, and each unit committed once, by `ray_jobs.sinks.units` (which the clip
+cache shares). A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is
+written in one atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
 `videos/` file marks the unit done; its Parquet metadata lists the unit's inputs under
-`groupemotion.inputs`, and a job starts by reading those lists to plan only what no unit holds
+`groupemotion.inputs` (the shard, or `_inputs/<part>#<row group>`), and a job starts by reading those lists to plan only what no unit holds
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
-
-A unit with a row that failed on the object store (`storage.is_storage_failure`: the reader could
-not read a shard or an object after the retries) is not committed: its rows are dropped and the
-unit counts as left for a rerun (`Summary.units_left`), which tries it again. The failure was the
-store's, not the video's, so writing the error as the video's answer would lose the video.
-
-Fault injection, for tests and drills: GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N kills the job
-process with SIGKILL right after its N-th commit, like a node loss between two commits.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
-import os
-import signal
-import sys
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -43,10 +44,11 @@ import pyarrow.parquet as pq
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
-from ray_jobs.inputs import storage
-from ray_jobs.predict.pipeline import VideoCollector, error_counts, video_row
+from groupemotion_core.videos import error_counts, video_row
+from ray_jobs.inputs import storage, tables
+from ray_jobs.inputs.listing import INPUTS_DIR, Listing
+from ray_jobs.sinks import units as unit_commits
 
-OBJECTS_PER_UNIT = 256
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
 JOB_FILE = "_job.json"  # the resolved run: model, inputs, window plan, options (`groupemotion infer`)
@@ -58,10 +60,12 @@ EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"
 
 @dataclass
 class Unit:
-    """One unit of work: a tar shard, or a group of plain video objects."""
+    """One unit of work: a tar shard, or one row group of a part of the listing."""
 
     inputs: tuple[str, ...]
     videos: int | None  # None for a shard until its reader's count arrives
+    part: str | None = None  # a row group's: the part's URI
+    group: int = 0
 
     @property
     def name(self) -> str:
@@ -69,17 +73,24 @@ class Unit:
         return f"{PART_PREFIX}{digest}.parquet"
 
     def describe(self) -> str:
-        return self.inputs[0] if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {self.inputs[0]}"
+        return unit_commits.describe(self.inputs)
 
 
-def plan_units(inputs: list[str]) -> list[Unit]:
-    """Input URIs -> units: one per shard, and groups of consecutive plain objects."""
-    from ray_jobs.inputs.sources import layout
+def plan_units(listing: Listing, output: str) -> list[Unit]:
+    """A saved listing -> units: one per shard, and one per row group of each part."""
+    units = [Unit((uri,), None) for uri in listing.shards]
+    for i, part in enumerate(listing.parts):
+        uri, last = listing.part_uri(output, i), listing.groups(i) - 1
+        for g in range(last + 1):
+            rows = part["rows"] - last * listing.unit_rows if g == last else listing.unit_rows
+            units.append(Unit((f"{_part_name(part['name'])}#{g}",), rows, uri, g))
+    return units
 
-    shards = [Unit((uri,), None) for uri in inputs if layout(uri) == "tar"]
-    videos = [uri for uri in inputs if layout(uri) != "tar"]
-    groups = [videos[i : i + OBJECTS_PER_UNIT] for i in range(0, len(videos), OBJECTS_PER_UNIT)]
-    return shards + [Unit(tuple(g), len(g)) for g in groups]
+
+def _part_name(name: str) -> str:
+    """How a unit's input names its part: relative to the output, so that the same output named
+    another way (a relative path) finds its committed units."""
+    return f"{INPUTS_DIR}/{name}"
 
 
 @dataclass
@@ -163,67 +174,49 @@ class LabelWriter:
 
     def __init__(self, units: list[Unit], output: str, model_id: str, summary: Summary,
                  on_video: Callable[[list[dict]], None] = lambda rows: None,
-                 on_commit: Callable[[str], None] = lambda line: None):
+                 on_commit: Callable[[str], None] = lambda line: None, *,
+                 parts: list[str] = (), unit_rows: int = 0):
+        """`parts[i]` is the part URI of the stream keys' table i (`sources.read_sources`' order),
+        `unit_rows` the listing's rows per row group."""
         self.units, self.output, self.model_id, self.summary = units, output, model_id, summary
         self.on_video, self.on_commit = on_video, on_commit
-        self.unit_of = {uri: i for i, unit in enumerate(units) for uri in unit.inputs}
-        self.collector = VideoCollector()
+        self.unit_rows = unit_rows
+        self.stream = unit_commits.UnitStream(((u.inputs, u.videos) for u in units), EXIT_AFTER_UNITS_ENV,
+                                              tables=[_part_name(posixpath.basename(p)) for p in parts],
+                                              rows_per_unit=unit_rows)
         self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
-        self.committed: set[int] = set()  # and the units left for a rerun
-        self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV, "0") or 0)
 
     def add(self, batch: pa.Table) -> None:
         for row in batch.to_pylist():
-            index = self._index(row[ClipRow.KEY])
-            if index in self.committed:
-                raise RuntimeError(f"a row of {self.units[index].describe()} came after its files were committed")
-            if row[ClipRow.WINDOW] == ClipRow.SHARD_END:
-                self.units[index].videos = row[ClipRow.WINDOWS]
-            else:
-                rows = self.collector.add(row)
-                if rows is None:
-                    continue
+            index, rows = self.stream.add(row)
+            if rows is not None:
                 self.on_video(rows)
                 unit = self.in_flight[index]
                 unit.videos.append(video_row(rows))
-                unit.windows.extend(r for r in rows if r[ClipRow.WINDOW] != ClipRow.WHOLE_VIDEO)
-            if len(self.in_flight[index].videos) == self.units[index].videos:
+                unit.windows.extend(r for r in rows if ClipRow.is_window(r[ClipRow.WINDOW]))
+            if self.stream.whole(index):
                 self._commit(index)
 
     def finish(self) -> None:
         """The stream has ended: every unit must have been committed (or left for a rerun)."""
-        left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
-        if left:
-            raise RuntimeError(
-                f"the stream ended with {len(left)} units incomplete (first: {left[0]}); "
-                f"{len(self.collector.unfinished)} videos lack windows"
-            )
-
-    def _index(self, key: str) -> int:
-        if key in self.unit_of:  # a plain object, or a shard's own row (its error or its end)
-            return self.unit_of[key]
-        cut = key.rfind("/")
-        while cut > 0:  # `<shard uri>/<member key>`; a member key may contain slashes
-            if key[:cut] in self.unit_of:
-                return self.unit_of[key[:cut]]
-            cut = key.rfind("/", 0, cut)
-        raise RuntimeError(f"row {key!r} belongs to no planned input")
+        self.stream.finish()
 
     def _commit(self, index: int) -> None:
-        unit, rows = self.units[index], self.in_flight.pop(index)
-        self.committed.add(index)
-        failed = next((r[WindowRow.ERROR] for r in [*rows.videos, *rows.windows]
-                       if storage.is_storage_failure(r[WindowRow.ERROR])), None)
+        unit, rows = self.units[index], self.in_flight.pop(index, _InFlight())
+        failed = self.stream.close(index, (r[WindowRow.ERROR] for r in [*rows.videos, *rows.windows]))
         if failed is not None:
             self.summary.units_left += 1
             self.summary.left_error = self.summary.left_error or failed
             self.on_commit(f"left for a rerun: {unit.describe()}: {failed}")
             return
         metadata = {INPUTS_METADATA_KEY: json.dumps(list(unit.inputs))}
-        windows = window_table(rows.windows, self.model_id).replace_schema_metadata(metadata)
-        videos = video_table(rows.videos, self.model_id).replace_schema_metadata(metadata)
-        _write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
-        _write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
+        if unit.part is None:
+            windows, videos = window_table(rows.windows, self.model_id), video_table(rows.videos, self.model_id)
+        else:
+            windows, videos = self._table_unit(unit, rows)
+        windows, videos = windows.replace_schema_metadata(metadata), videos.replace_schema_metadata(metadata)
+        unit_commits.write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
+        unit_commits.write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
 
         s = self.summary
         failed_videos = error_counts(rows.videos)
@@ -242,9 +235,28 @@ class LabelWriter:
             f"{windows.num_rows} windows ({sum(failed_windows.values())} failed), from {unit.describe()} "
             f"[{s.units_committed}/{s.units - s.units_skipped}]"
         )
-        if self.exit_after and s.units_committed >= self.exit_after:
-            print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.stream.committed()
+
+
+    def _table_unit(self, unit: Unit, rows: _InFlight) -> tuple[pa.Table, pa.Table]:
+        """A row group's tables: rows in the listing's order, keyed by its URIs, its carried
+        columns after the VideoRow columns."""
+        with storage.open_read(unit.part) as f:
+            listed = pq.ParquetFile(f).read_row_group(unit.group)
+        first = unit.group * self.unit_rows
+        uris = listed.column(tables.URI_COLUMN).to_pylist()
+
+        def listed_row(row: dict) -> dict:
+            offset = tables.row_of(row[VideoRow.KEY])[2] - first
+            return {**row, VideoRow.KEY: uris[offset], "_row": offset}
+
+        videos = sorted(map(listed_row, rows.videos), key=lambda r: r["_row"])
+        table = _table(videos, VideoRow.SCHEMA, self.model_id)
+        for name in listed.schema.names:
+            if name != tables.URI_COLUMN:
+                table = table.append_column(listed.schema.field(name), listed.column(name))
+        windows = sorted(map(listed_row, rows.windows), key=lambda r: (r["_row"], r[WindowRow.WINDOW]))
+        return _table(windows, WindowRow.SCHEMA, self.model_id), table
 
 
 def window_table(rows: list[dict], model_id: str) -> pa.Table:
@@ -255,7 +267,7 @@ def window_table(rows: list[dict], model_id: str) -> pa.Table:
 
 
 def video_table(rows: list[dict], model_id: str) -> pa.Table:
-    """`predict.video_row` values -> a VideoRow table in key order."""
+    """`groupemotion_core.videos.video_row` values -> a VideoRow table in key order."""
     return _table(sorted(rows, key=lambda r: r[VideoRow.KEY]), VideoRow.SCHEMA, model_id)
 
 
@@ -270,9 +282,3 @@ def _table(rows: list[dict], schema: pa.Schema, model_id: str) -> pa.Table:
         else:
             columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
     return pa.table(columns, schema=schema)
-
-
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes_atomic(uri, buffer.getvalue())

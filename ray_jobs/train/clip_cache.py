@@ -24,11 +24,11 @@ A unit is one tar shard, or a group of up to OBJECTS_PER_UNIT plain video object
 order. `fill` decodes the units whose file is missing in one Ray Data stream (the reader, the
 decode stage, then an encode step on the workers) and commits each unit in one atomic write
 (a single PUT, or a rename) once all its videos have their rows, in whatever order units
-complete: a group knows its size from the listing, a shard from its reader's end marker. So a
-file is always a whole unit, written once; a killed fill leaves whole units and nothing else,
-and the rerun decodes only the rest. A unit with a row that failed on the object store
-(`storage.is_storage_failure`) is not committed: that failure is the store's, not the video's,
-and a rerun must try again.
+complete: a group knows its size from the listing, a shard from its reader's end marker
+(`ray_jobs.sinks.units`, the mechanism the label sink shares). So a file is always a whole unit,
+written once; a killed fill leaves whole units and nothing else, and the rerun decodes only the
+rest. A unit with a row that failed on the object store (`storage.is_storage_failure`) is not
+committed: that failure is the store's, not the video's, and a rerun must try again.
 
 Row format: the decode stage's ClipRow columns as they are, except
 - `frames` -> `frames_jpeg`: the T frames stacked into one (T*H) x W image, baseline JPEG at
@@ -48,11 +48,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
-import signal
-import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -63,10 +61,11 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.schema import ClipRow
+from groupemotion_core.errors import GroupEmotionError, split_error
 from groupemotion_core.media.spec import DecodeSpec, WindowPlan
+from groupemotion_core.schema import ClipRow
 from ray_jobs.inputs import storage
+from ray_jobs.sinks import units as unit_commits
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, watched
 
 FORMAT = "groupemotion-clip-cache/1"
@@ -98,9 +97,12 @@ class Unit:
     def name(self) -> str:
         return f"{UNIT_PREFIX}{_digest(self.inputs)[:24]}.parquet"
 
+    @property
+    def uris(self) -> tuple[str, ...]:
+        return tuple(uri for uri, _, _ in self.inputs)
+
     def describe(self) -> str:
-        first = self.inputs[0][0]
-        return first if len(self.inputs) == 1 else f"{len(self.inputs)} objects from {first}"
+        return unit_commits.describe(self.uris)
 
 
 @dataclass
@@ -142,14 +144,12 @@ class ClipCache:
     def units(self, uris: list[str] | str) -> list[Unit]:
         """The input units under `uris` (the forms `ray_jobs.inputs.sources` reads), with the size and
         ETag or mtime of every input as it is now."""
-        from ray_jobs.inputs.sources import layout, list_inputs
+        from ray_jobs.inputs.sources import list_inputs
 
         inputs = [uri if storage.is_remote(uri) else os.path.abspath(uri) for uri in list_inputs(uris)]
         found = _stat(inputs)
-        shards = [Unit((found[uri],), True) for uri in inputs if layout(uri) == "tar"]
-        objects = [found[uri] for uri in inputs if layout(uri) != "tar"]
-        groups = [tuple(objects[i : i + OBJECTS_PER_UNIT]) for i in range(0, len(objects), OBJECTS_PER_UNIT)]
-        return shards + [Unit(group, False) for group in groups]
+        return [Unit(tuple(found[uri] for uri in group), shard)
+                for group, shard in unit_commits.plan(inputs, OBJECTS_PER_UNIT)]
 
     def missing(self, units: list[Unit]) -> list[Unit]:
         fs, path = storage.filesystem(self.root)
@@ -195,7 +195,7 @@ class ClipCache:
             if progress is not None:
                 progress.close()
         if stats.not_cached:
-            reason, _, detail = stats.not_cached[0][1].partition(": ")
+            reason, detail = split_error(stats.not_cached[0][1])
             raise GroupEmotionError(
                 reason,
                 f"{len(stats.not_cached)} units could not be read from the object store after retries "
@@ -278,88 +278,53 @@ class _UnitWriter:
     def __init__(self, cache: ClipCache, units: list[Unit], stats: FillStats, progress):
         self.cache, self.stats, self.progress = cache, stats, progress
         self.units = units
-        self.unit_of = {uri: i for i, unit in enumerate(units) for uri, _, _ in unit.inputs}
+        self.stream = unit_commits.UnitStream(
+            ((u.uris, None if u.shard else len(u.inputs)) for u in units), EXIT_AFTER_UNITS_ENV)
         self.pieces: dict[int, list[pa.Table]] = {}
-        self.expected: dict[int, int] = {i: len(u.inputs) for i, u in enumerate(units) if not u.shard}
-        self.done_videos: Counter = Counter()
-        self.video_rows: Counter = Counter()  # rows seen per video key
-        self.committed: set[int] = set()
-        self.exit_after = int(os.environ.get(EXIT_AFTER_UNITS_ENV) or 0)
 
     def add(self, batch: pa.Table) -> None:
-        keys = batch.column(ClipRow.KEY).to_pylist()
-        windows = batch.column(ClipRow.WINDOW).to_pylist()
-        counts = batch.column(ClipRow.WINDOWS).to_pylist()
+        columns = (ClipRow.KEY, ClipRow.WINDOW, ClipRow.WINDOWS)
         touched: dict[int, list[int]] = {}
-        for row, (key, window, count) in enumerate(zip(keys, windows, counts)):
-            index = self._index(key)
-            if index in self.committed:
-                raise RuntimeError(f"a row of {self.units[index].describe()} came after its file was committed")
-            if window == ClipRow.SHARD_END:
-                self.expected[index] = count
-                touched.setdefault(index, [])
-                continue
-            touched.setdefault(index, []).append(row)
-            self.video_rows[key] += 1
-            if window == ClipRow.WHOLE_VIDEO or self.video_rows[key] == count:
-                self.done_videos[index] += 1
+        for row, values in enumerate(zip(*(batch.column(name).to_pylist() for name in columns))):
+            index, _ = self.stream.add(dict(zip(columns, values)))
+            rows = touched.setdefault(index, [])
+            if values[1] != ClipRow.SHARD_END:  # the marker only counts the shard's videos
+                rows.append(row)
         for index, rows in touched.items():
             if rows:
                 self.pieces.setdefault(index, []).append(batch.take(rows))
-            if self.done_videos[index] == self.expected.get(index):
+            if self.stream.whole(index):
                 self._commit(index)
 
     def finish(self) -> None:
-        left = [self.units[i].describe() for i in range(len(self.units)) if i not in self.committed]
-        if left:
-            raise RuntimeError(f"the decode stream ended before these units were whole: {left[:3]}")
-
-    def _index(self, key: str) -> int:
-        if key in self.unit_of:  # a plain object, or a shard's own row (error or end marker)
-            return self.unit_of[key]
-        cut = len(key)
-        while (cut := key.rfind("/", 0, cut)) > 0:  # a shard member: <shard uri>/<member key>
-            if key[:cut] in self.unit_of:
-                return self.unit_of[key[:cut]]
-        raise RuntimeError(f"row {key!r} belongs to no planned unit")
+        self.stream.finish()
 
     def _commit(self, index: int) -> None:
         unit = self.units[index]
-        self.committed.add(index)
         table = pa.concat_tables(self.pieces.pop(index, []) or [_empty(self.cache.spec)])
-        for key in set(table.column(ClipRow.KEY).to_pylist()):
-            del self.video_rows[key]
         errors = [e for e in table.column(ClipRow.ERROR).to_pylist() if e is not None]
-        failed = next((e for e in errors if storage.is_storage_failure(e)), None)
+        failed = self.stream.close(index, errors)
         if failed is not None:
             self.stats.not_cached.append((unit.describe(), failed))
             return
         meta = {"format": FORMAT, "inputs": [list(i) for i in unit.inputs],
-                "frames": [self.cache.spec.num_frames, self.cache.spec.frame_size, self.cache.spec.frame_size, 3],
+                "frames": list(self.cache.spec.frame_shape),
                 "audio_samples": self.cache.spec.audio_samples}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", row_group_size=_ROWS_PER_GROUP)
-        data = buffer.getvalue()
-        storage.write_bytes_atomic(storage.join(self.cache.root, unit.name), data)
+        written = unit_commits.write_parquet(storage.join(self.cache.root, unit.name), table,
+                                             compression="zstd", row_group_size=_ROWS_PER_GROUP)
         s = self.stats
         s.committed += 1
-        s.videos += self.done_videos.pop(index, 0)
+        s.videos += self.stream.videos[index]
         s.rows += table.num_rows
         s.errors += len(errors)
-        s.bytes += len(data)
+        s.bytes += written
         jpegs = table.column(FRAMES_JPEG).to_pylist()
         s.frame_bytes += sum(len(j) for j in jpegs if j is not None)
-        s.raw_frame_bytes += sum(1 for j in jpegs if j is not None) * _frame_bytes(self.cache.spec)
+        s.raw_frame_bytes += sum(1 for j in jpegs if j is not None) * math.prod(self.cache.spec.frame_shape)
         if self.progress is not None:
             self.progress.advance(1, videos=len(set(table.column(ClipRow.KEY).to_pylist())), errors=len(errors))
-        if self.exit_after and s.committed >= self.exit_after:
-            print(f"{EXIT_AFTER_UNITS_ENV}={self.exit_after}: killing the job now", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _frame_bytes(spec: DecodeSpec) -> int:
-    return spec.num_frames * spec.frame_size * spec.frame_size * 3
+        self.stream.committed()
 
 
 def _encode_rows(table: pa.Table, spec: DecodeSpec) -> pa.Table:
@@ -367,8 +332,8 @@ def _encode_rows(table: pa.Table, spec: DecodeSpec) -> pa.Table:
     frames = _tensors(table, ClipRow.FRAMES)
     audio = _tensors(table, ClipRow.AUDIO)
     lengths = table.column(ClipRow.AUDIO_LEN).to_pylist()
-    usable = [e is None and w >= 0 for e, w in zip(table.column(ClipRow.ERROR).to_pylist(),
-                                                    table.column(ClipRow.WINDOW).to_pylist())]
+    usable = [e is None and ClipRow.is_window(w) for e, w in zip(table.column(ClipRow.ERROR).to_pylist(),
+                                                                  table.column(ClipRow.WINDOW).to_pylist())]
     jpegs = [encode_frames(f) if ok else None for f, ok in zip(frames, usable)]
     pcm = [encode_audio(a[:n]) if ok else None for a, n, ok in zip(audio, lengths, usable)]
     rest = table.drop_columns([ClipRow.FRAMES, ClipRow.AUDIO])
@@ -401,10 +366,9 @@ def decode_frames(data: bytes, spec: DecodeSpec) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         frames = np.asarray(image.convert("RGB"))
-    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
-    if frames.size != np.prod(shape):
-        raise ValueError(f"a cached clip has frames of {frames.shape}, the spec wants {shape}")
-    return frames.reshape(shape)
+    if frames.size != math.prod(spec.frame_shape):
+        raise ValueError(f"a cached clip has frames of {frames.shape}, the spec wants {spec.frame_shape}")
+    return frames.reshape(spec.frame_shape)
 
 
 def encode_audio(samples: np.ndarray) -> bytes:
@@ -429,8 +393,7 @@ def _load_units(batch: pa.Table, spec: DecodeSpec) -> Iterator[pa.Table]:
 
 def _restore(table: pa.Table, spec: DecodeSpec) -> pa.Table:
     """Cache rows -> ClipRows with the decode stage's columns, types and order."""
-    shape = (spec.num_frames, spec.frame_size, spec.frame_size, 3)
-    frames = np.zeros((table.num_rows, *shape), np.uint8)
+    frames = np.zeros((table.num_rows, *spec.frame_shape), np.uint8)
     audio = np.zeros((table.num_rows, spec.audio_samples), np.float32)
     stored = zip(table.column(FRAMES_JPEG).to_pylist(), table.column(AUDIO_PCM16).to_pylist())
     for i, (jpeg, pcm) in enumerate(stored):

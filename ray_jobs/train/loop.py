@@ -50,7 +50,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from groupemotion_core.weights.checkpoint import load_checkpoint, save_checkpoint
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason, split_error
 from groupemotion_core.model.config import ModelConfig
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.weights.pretrained import load_pretrained
@@ -150,7 +150,7 @@ class _Failures:
     def add(self, errors) -> None:
         with self._lock:
             for error in errors:
-                reason = error.split(":", 1)[0].strip() or "unknown"
+                reason = error_reason(error)
                 self.counts[reason] += 1
                 self.first.setdefault(reason, error)
 
@@ -172,7 +172,7 @@ def _stop(run: _Run, split: str, unlabelled: int, failures: _Failures) -> None:
         summary = ", ".join(f"{r}: {n}" for r, n in counts.most_common())
         unlabelled_too = f", unlabelled: {unlabelled}" if unlabelled else ""
         detail = (f"no {split} clip could be used (failed: {summary}{unlabelled_too}); "
-                  f"first: {first[reason].split(': ', 1)[-1]}")
+                  f"first: {split_error(first[reason])[1]}")
     elif unlabelled:
         reason, detail = "no_labels", f"none of the {unlabelled} {split} clips has a label"
     else:
@@ -259,8 +259,7 @@ def _placeholder(run: _Run) -> dict[str, torch.Tensor]:
     cfg = run.module.config
     spec = cfg.decode_spec()
     return {
-        "frames": torch.zeros((1, spec.num_frames, spec.frame_size, spec.frame_size, 3),
-                              dtype=torch.uint8, device=run.device),
+        "frames": torch.zeros((1, *spec.frame_shape), dtype=torch.uint8, device=run.device),
         "audio": torch.zeros((1, spec.audio_samples), dtype=torch.float32, device=run.device),
         "audio_len": torch.zeros((1,), dtype=torch.int64, device=run.device),
         "label": torch.full((1,), UNKNOWN_LABEL, dtype=torch.int64, device=run.device),

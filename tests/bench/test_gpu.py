@@ -35,14 +35,17 @@ def test_without_cuda_it_says_so_and_exits_0_and_the_core_imports_without_pyav_r
 
 
 def test_its_measurements_run_end_to_end_on_the_cpu():
-    """The GPU code path at tiny sizes on the CPU: the JSON it prints, and finite outputs."""
+    """The GPU code path at tiny sizes on the CPU, for both poolings: the JSON it prints, and finite outputs."""
     done = _bench("--device", "cpu", "--preset", "tiny", "--train-batch", "2", "--infer-batch", "2",
                   "--warmup", "1", "--steps", "1")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["device"] == "cpu" and result["cuda"] is False
-    train, infer = result["train"], result["infer"]
-    assert train["finite"] == {"logits": True, "no_audio_logits": True, "loss": True, "gradients": True}
-    assert infer["finite"] == {"logits": True, "no_audio_logits": True}
-    assert train["flops_per_step"] > 0 and train["clips_per_s"] > 0 and infer["clips_per_s"] > 0
-    assert train["mfu"] is None  # no peak is known for a CPU
+    for pool in ("frames", "features"):
+        train, infer = result[pool]["train"], result[pool]["infer"]
+        assert train["finite"] == {"logits": True, "no_audio_logits": True, "loss": True, "gradients": True}
+        assert infer["finite"] == {"logits": True, "no_audio_logits": True}
+        assert train["flops_per_step"] > 0 and train["clips_per_s"] > 0 and infer["clips_per_s"] > 0
+        assert train["mfu"] is None  # no peak is known for a CPU
+    # The backbone runs on one picture a clip instead of each of its frames.
+    assert result["frames"]["train"]["flops_per_step"] < result["features"]["train"]["flops_per_step"]

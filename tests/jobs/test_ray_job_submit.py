@@ -106,6 +106,7 @@ def _stop(head: subprocess.Popen, temp_dir: str) -> None:
     assert not pids_naming(temp_dir), "a process of the test's Ray survived its teardown"
 
 
+@pytest.mark.slow
 def test_infer_runs_through_ray_job_submit_with_token_auth(ray_head, tmp_path):
     url, env = ray_head
     for i, label in enumerate(CLASSES):

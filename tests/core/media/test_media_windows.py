@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 
+import groupemotion_core.media.decode as decode
 from groupemotion_core.media.decode import DecodeError, DecodeSpec, decode_clip, decode_windows
 from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan, plan_windows
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
@@ -149,3 +150,23 @@ def test_a_window_without_a_picture_is_yielded_with_its_error():
         assert window.error is None and window.clip.audio_len == spec.audio_samples
         assert window.clip.frame_times[0] == window.start_s  # a frame every 0.1 s again
         assert_same_clip(window, decode_clip(data, spec, window.start_s))
+
+
+@pytest.mark.parametrize("kind", ["mp4", "ts", "truncated.mkv"])
+def test_sparse_windows_find_the_end_from_the_last_packets_as_a_whole_survey_does(monkeypatch, kind):
+    """A minute of video, 3 windows: only its tail is demuxed to find its end, also where the
+    header is wrong (a Matroska file cut short still declares the whole minute)."""
+    container = kind.split(".")[-1]
+    data = render_clip(SyntheticClip(container=container, seconds=60.0, fps=5, width=32, height=32, keyint=10, seed=2))
+    if kind.startswith("truncated"):
+        data = data[: int(len(data) * 0.7)]
+    plan = WindowPlan(max_windows=3)
+
+    windows = list(decode_windows(data, SPEC, plan))
+    monkeypatch.setattr(decode, "_tail_end", lambda *args: None)  # demux every packet instead
+    surveyed = list(decode_windows(data, SPEC, plan))
+
+    assert [(w.start_s, w.end_s) for w in windows] == [(w.start_s, w.end_s) for w in surveyed]
+    assert windows[-1].end_s < 45 if kind.startswith("truncated") else windows[-1].end_s == pytest.approx(60, abs=0.21)
+    for window, expected in zip(windows, surveyed):
+        assert_same_clip(window, expected.clip)

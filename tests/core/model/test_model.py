@@ -10,10 +10,11 @@ import timm
 import torch
 from transformers import HubertConfig, HubertModel
 
-from groupemotion_core.model.config import ModelConfig, preset
+from groupemotion_core.model.config import PRESETS, TEMPORAL_POOLS, ModelConfig, preset
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import DecodeSpec
 from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core.weights.checkpoint import load_checkpoint, save_checkpoint
 from groupemotion_core.schema import CLASSES
 
 
@@ -34,6 +35,12 @@ def tiny() -> GroupEmotionModel:
     return GroupEmotionModel(preset("tiny"))
 
 
+def tiny_pooling(pool: str) -> ModelConfig:
+    cfg = preset("tiny")
+    cfg.vision = dataclasses.replace(cfg.vision, temporal_pool=pool)
+    return cfg
+
+
 def large_style_tiny() -> ModelConfig:
     """Tiny sizes with HuBERT large's input policy: layer-norm extractor, normalised input, masks."""
     cfg = preset("tiny")
@@ -47,7 +54,7 @@ def large_style_tiny() -> ModelConfig:
 # --- config ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["paper", "tiny"])
+@pytest.mark.parametrize("name", PRESETS)
 def test_config_round_trips_through_json(name):
     cfg = preset(name)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -68,6 +75,23 @@ def test_bad_configs_are_typed_errors():
         ModelConfig.from_dict({**d, "fusion": {**d["fusion"], "heads": 5}})
     with pytest.raises(GroupEmotionError, match="bad_config"):
         ModelConfig.from_dict({**d, "unknown_field": 1})
+    with pytest.raises(GroupEmotionError, match="temporal_pool must be one of frames, features"):
+        ModelConfig.from_dict({**d, "vision": {**d["vision"], "temporal_pool": "time"}})
+
+
+def test_the_paper_preset_pools_frames_as_its_formula_and_paper_framewise_pools_feature_maps():
+    assert (preset("paper").vision.temporal_pool, preset("paper-framewise").vision.temporal_pool) == ("frames", "features")
+    assert preset("tiny").vision.temporal_pool == preset("paper").vision.temporal_pool
+    framewise = preset("paper-framewise")
+    framewise.vision.temporal_pool = "frames"
+    assert framewise == preset("paper")  # nothing else differs
+
+
+def test_a_config_from_before_temporal_pool_means_feature_maps():
+    """Every checkpoint saved before the field existed was trained with the backbone on every frame."""
+    d = preset("tiny").to_dict()
+    del d["vision"]["temporal_pool"]
+    assert ModelConfig.from_dict(d).vision.temporal_pool == "features"
 
 
 # --- behaviour ------------------------------------------------------------------------------
@@ -82,9 +106,10 @@ def test_output_shape(tiny):
     assert logits.dtype == torch.float32
 
 
-def test_every_parameter_receives_a_gradient():
+@pytest.mark.parametrize("pool", TEMPORAL_POOLS)
+def test_every_parameter_receives_a_gradient(pool):
     torch.manual_seed(0)
-    model = GroupEmotionModel(preset("tiny")).train()
+    model = GroupEmotionModel(tiny_pooling(pool)).train()
     frames, audio, audio_len = make_inputs(model.config, [80000, 0, 16000, 40000])
     model(frames, audio, audio_len).logsumexp(dim=1).sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -106,7 +131,10 @@ def test_clip_without_audio_gives_finite_logits_that_ignore_the_waveform(tiny):
     assert torch.isfinite(tiny(frames, audio, audio_len)).all()
 
 
-@pytest.mark.parametrize("cfg_fn", [lambda: preset("tiny"), large_style_tiny], ids=["base_policy", "large_policy"])
+@pytest.mark.parametrize(
+    "cfg_fn", [lambda: tiny_pooling("frames"), lambda: tiny_pooling("features"), large_style_tiny],
+    ids=["base_policy_pool_frames", "base_policy_pool_features", "large_policy"],
+)
 def test_mixed_batch_equals_each_clip_alone(cfg_fn):
     torch.manual_seed(0)
     model = GroupEmotionModel(cfg_fn()).eval()
@@ -142,19 +170,66 @@ def test_audio_tokens_follow_hubert_frame_arithmetic(tiny):
     assert mask[1, :49].all()
 
 
-def test_vision_pools_per_frame_feature_maps_over_time(tiny):
-    """Backbone per frame with the backbone's own mean/std, mean over time, positions as tokens."""
-    frames, _, _ = make_inputs(tiny.config, [0, 0])
-    vision = tiny.vision.eval()
+@pytest.mark.parametrize("pool", TEMPORAL_POOLS)
+def test_vision_pools_over_time_where_the_config_says_and_makes_positions_tokens(pool):
+    """The backbone's own mean/std; then either the backbone on the mean picture of the frames
+    (the paper's ResNet(M(v))) or the mean of its per-frame feature maps (ClipBERT's)."""
+    torch.manual_seed(0)
+    model = GroupEmotionModel(tiny_pooling(pool))
+    frames, _, _ = make_inputs(model.config, [0, 0])
+    vision = model.vision.eval()
     assert vision.mean.flatten().tolist() == pytest.approx(list(timm.data.IMAGENET_DEFAULT_MEAN))
     with torch.no_grad():
         expected = []
         for clip in frames:
-            x = (clip.permute(0, 3, 1, 2).float() / 255 - vision.mean) / vision.std
-            maps = torch.stack([vision.backbone.forward_features(f[None])[0] for f in x]).mean(0)  # [C, h, w]
+            x = (clip.permute(0, 3, 1, 2).float() / 255 - vision.mean) / vision.std  # [T, 3, H, W]
+            if pool == "frames":
+                maps = vision.backbone.forward_features(x.mean(0, keepdim=True))[0]
+            else:
+                maps = torch.stack([vision.backbone.forward_features(f[None])[0] for f in x]).mean(0)  # [C, h, w]
             expected.append(vision.proj(maps.flatten(1).T))
         torch.testing.assert_close(vision(frames), torch.stack(expected), rtol=1e-4, atol=1e-5)
-    assert vision(frames).shape == (2, 4, tiny.config.fusion.dim)  # 64 px / stride 32 = 2 x 2 tokens
+    assert vision(frames).shape == (2, 4, model.config.fusion.dim)  # 64 px / stride 32 = 2 x 2 tokens
+
+
+def test_the_two_poolings_differ_on_moving_pictures():
+    """Same weights, so only where the mean is taken differs: a wrong branch cannot pass as the other."""
+    torch.manual_seed(0)
+    frames_first = GroupEmotionModel(tiny_pooling("frames")).eval()
+    maps_first = GroupEmotionModel(tiny_pooling("features")).eval()
+    maps_first.load_state_dict(frames_first.state_dict())
+    frames, _, _ = make_inputs(frames_first.config, [0])
+    with torch.no_grad():
+        assert not torch.allclose(frames_first.vision(frames), maps_first.vision(frames), atol=1e-3)
+        still = frames[:, :1].expand_as(frames).contiguous()  # one picture held: its mean is itself
+        torch.testing.assert_close(frames_first.vision(still), maps_first.vision(still), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", TEMPORAL_POOLS)
+def test_a_checkpoint_records_its_pooling_and_loads_back_to_it(pool, tmp_path):
+    torch.manual_seed(0)
+    model = GroupEmotionModel(tiny_pooling(pool)).eval()
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["vision"]["temporal_pool"] == pool
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.config.vision.temporal_pool == pool
+    frames, audio, audio_len = make_inputs(model.config, [80000, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(frames, audio, audio_len), model(frames, audio, audio_len), rtol=0, atol=0)
+
+
+def test_a_checkpoint_saved_before_temporal_pool_existed_loads_as_it_was_trained(tmp_path):
+    torch.manual_seed(0)
+    model = GroupEmotionModel(tiny_pooling("features")).eval()
+    save_checkpoint(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["vision"]["temporal_pool"]  # as every config.json written before the field
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.config.vision.temporal_pool == "features"
+    frames, audio, audio_len = make_inputs(model.config, [80000])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(frames, audio, audio_len), model(frames, audio, audio_len), rtol=0, atol=0)
 
 
 def test_inputs_are_checked(tiny):

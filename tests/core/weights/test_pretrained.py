@@ -1,8 +1,7 @@
 """Pretrained encoder weights: local paths, and hub ids pinned to a revision, all offline.
 
-No test reaches the network: the hub is switched to offline mode, and a hub id resolves from a
-Hugging Face cache that the test lays out itself (refs/<revision> -> snapshots/<commit>/...),
-which is what `hf download` leaves on a machine.
+No test reaches the network: a hub id resolves from a Hugging Face cache that the test lays out
+itself, with the hub offline (tests/hub.py).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import timm
 import torch
@@ -24,37 +22,13 @@ from groupemotion_core.model.encoders import hubert_config
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.weights.pretrained import describe, load_pretrained, parse_hub_id
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from tests.hub import COMMIT, cached_snapshot
 
 
 @pytest.fixture
 def model() -> GroupEmotionModel:
     torch.manual_seed(0)
     return GroupEmotionModel(preset("tiny")).eval()
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, with the hub offline: a download attempt would be an error."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def _cached_snapshot(cache: Path, repo: str, revision: str | None, commit: str = COMMIT) -> Path:
-    """The cache layout of huggingface_hub: a ref file naming a commit, the commit's files."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    if revision is not None:
-        ref = root / "refs" / revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
-    return snapshot
 
 
 def _expect_bad(reason: str, fn, *args, **kwargs) -> GroupEmotionError:
@@ -169,7 +143,7 @@ def test_malformed_hub_ids_are_refused(source):
 
 def test_pinned_audio_revision_loads_offline_and_is_recorded(model, hub_cache):
     source = _tiny_hubert()
-    snapshot = _cached_snapshot(hub_cache, "facebook/hubert-tiny", "refs/pr/2")
+    snapshot = cached_snapshot(hub_cache, "facebook/hubert-tiny", "refs/pr/2")
     source.save_pretrained(snapshot)
     Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(snapshot)
 
@@ -189,7 +163,7 @@ def test_pinned_audio_revision_loads_offline_and_is_recorded(model, hub_cache):
 
 def test_timm_hub_weights_at_a_commit_bring_their_pixel_statistics(model, hub_cache):
     source = _timm_tiny()
-    snapshot = _cached_snapshot(hub_cache, "timm/resnet10t.tiny_test", None)
+    snapshot = cached_snapshot(hub_cache, "timm/resnet10t.tiny_test", None)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     timm.models.save_for_hf(source, str(snapshot), safe_serialization=True,
                             model_config={"pretrained_cfg": {"mean": mean, "std": std}})
@@ -203,7 +177,7 @@ def test_timm_hub_weights_at_a_commit_bring_their_pixel_statistics(model, hub_ca
 
 
 def test_weights_of_another_architecture_are_refused_by_name(model, hub_cache):
-    snapshot = _cached_snapshot(hub_cache, "timm/resnet18.test", "main")
+    snapshot = cached_snapshot(hub_cache, "timm/resnet18.test", "main")
     timm.models.save_for_hf(timm.create_model("resnet18", pretrained=False), str(snapshot), safe_serialization=True)
     error = _expect_bad("bad_weights", load_pretrained, model, vision="hf-hub:timm/resnet18.test")
     assert "resnet18 weights" in error.detail and "resnet10t" in error.detail
@@ -211,7 +185,7 @@ def test_weights_of_another_architecture_are_refused_by_name(model, hub_cache):
 
 def test_a_revision_without_safetensors_says_how_to_get_them(model, hub_cache):
     """facebook/hubert-base-ls960's main branch: a config and pytorch_model.bin, no safetensors."""
-    snapshot = _cached_snapshot(hub_cache, "facebook/hubert-base-ls960", "main")
+    snapshot = cached_snapshot(hub_cache, "facebook/hubert-base-ls960", "main")
     hubert_config(preset("tiny").audio).save_pretrained(snapshot)
     error = _expect_bad("bad_weights", load_pretrained, model, audio="facebook/hubert-base-ls960")
     assert f"no model.safetensors at revision main (commit {COMMIT})" in error.detail
@@ -229,7 +203,7 @@ def test_workers_load_the_commit_the_driver_resolved_not_the_moving_branch(model
     from ray_jobs.commands.train import pinned_source
 
     source = _tiny_hubert()
-    snapshot = _cached_snapshot(hub_cache, "facebook/hubert-tiny", "main")
+    snapshot = cached_snapshot(hub_cache, "facebook/hubert-tiny", "main")
     source.save_pretrained(snapshot)
     Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(snapshot)
     record = describe(vision=None, audio="facebook/hubert-tiny")["audio"]

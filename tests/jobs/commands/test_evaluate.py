@@ -13,18 +13,14 @@ import json
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
-from groupemotion_core.weights.checkpoint import save_checkpoint
-from groupemotion_core.model.config import preset
-from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import CLASSES, label_index
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 from ray_jobs.cli import main
 
 
-def test_eval_scores_videos_as_infer_labels_them_and_the_report_agrees(ray_session, tmp_path, capsys):
+def test_eval_scores_videos_as_infer_labels_them_and_the_report_agrees(ray_session, tiny_checkpoint, tmp_path, capsys):
     data = tmp_path / "data"
     for i in range(6):
         label = CLASSES[i % 3]
@@ -35,10 +31,9 @@ def test_eval_scores_videos_as_infer_labels_them_and_the_report_agrees(ray_sessi
     (data / "misc").mkdir()
     render_clip(SyntheticClip(width=64, height=48, seconds=1.0, fps=4.0, seed=7), data / "misc" / "unlabelled.mp4")
     (data / "Positive" / "broken.mp4").write_bytes(b"\x00" * 2000)
-    torch.manual_seed(0)
-    model_id = save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "ckpt")
+    checkpoint, model_id = tiny_checkpoint
     report, labels = tmp_path / "report", tmp_path / "labels"
-    options = ["--model", str(tmp_path / "ckpt"), "--actors", "1", "--decode-cpus", "1", "--batch-size", "4"]
+    options = ["--model", checkpoint, "--actors", "1", "--decode-cpus", "1", "--batch-size", "4"]
 
     code = main(["eval", str(data), "--report", str(report), *options])
     assert main(["infer", str(data), "--output", str(labels), *options]) == 0

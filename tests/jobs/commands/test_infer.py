@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from groupemotion_core.weights.checkpoint import save_checkpoint
-from groupemotion_core.model.config import preset
-from groupemotion_core.model.classifier import GroupEmotionModel
+from groupemotion_core import Labeller
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
@@ -36,6 +33,7 @@ from ray_jobs.cli import main
 from ray_jobs.predict.model_ref import describe_model_ref, load_model_ref
 from ray_jobs.commands.pack import pack
 from ray_jobs.predict.pipeline import PredictOptions
+from tests.hub import COMMIT, cached_snapshot
 
 # name -> (class folder, has audio, seconds); plus two files that are not decodable videos.
 # The tiny model's windows are 5 s: the 7 s clips have two windows (5 s and 2 s).
@@ -59,21 +57,8 @@ def videos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[str, str]:
-    """A tiny model saved by the core: (directory, model_id)."""
-    directory = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model_id = save_checkpoint(GroupEmotionModel(preset("tiny")), directory)
-    return str(directory), model_id
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    import boto3
-
-    name = f"infer-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+def bucket(make_bucket) -> str:
+    return make_bucket()
 
 
 def _read(output: str, folder: str) -> pd.DataFrame:
@@ -89,9 +74,9 @@ def _etags(uris: list[str]) -> dict[str, str]:
 
 
 def test_shards_and_objects_on_s3_give_every_window_and_video_once_then_rerun_and_overwrite(
-    ray_session, videos, checkpoint, bucket
+    ray_session, videos, tiny_checkpoint, bucket
 ):
-    ckpt_dir, model_id = checkpoint
+    ckpt_dir, model_id = tiny_checkpoint
     model_uri = f"{bucket}/models/tiny"
     storage.upload_dir(ckpt_dir, model_uri)
     manifest = pack(str(videos), f"{bucket}/shards", shard_size=4)
@@ -154,9 +139,9 @@ def test_shards_and_objects_on_s3_give_every_window_and_video_once_then_rerun_an
 
 
 def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows_spreads_them(
-    ray_session, checkpoint, tmp_path
+    ray_session, tiny_checkpoint, tmp_path
 ):
-    ckpt_dir, _ = checkpoint
+    ckpt_dir, _ = tiny_checkpoint
     render_clip(SyntheticClip(label="Positive", seconds=47.0, seed=5, **SMALL), tmp_path / "long.mp4")
     every, spread = tmp_path / "every", tmp_path / "spread"
 
@@ -185,8 +170,36 @@ def test_a_long_video_gives_every_window_and_their_weighted_mean_and_max_windows
     assert json.loads((spread / "_job.json").read_text())["window_plan"]["max_windows"] == 4
 
 
-def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, checkpoint, tmp_path):
-    ckpt_dir, _ = checkpoint
+def test_the_labeller_gives_the_numbers_infer_writes(ray_session, videos, tiny_checkpoint, tmp_path):
+    """The same videos and checkpoint through `infer` (Ray, the decode child, batches of windows
+    from several videos) and through `Labeller` (no Ray): the same windows, probabilities, video
+    answer and errors. Overlapping windows (stride 2.5 s) make the video-level weights matter."""
+    ckpt_dir, model_id = tiny_checkpoint
+    output = tmp_path / "labels"
+    infer.infer([str(videos)], ckpt_dir, str(output), PredictOptions(**FEW_CPUS), plan=WindowPlan(stride_s=2.5))
+    vids = pads.dataset(output / "videos").to_table().to_pylist()
+    wins = pads.dataset(output / "windows").to_table().to_pylist()
+    labeller = Labeller.load(ckpt_dir, device="cpu")
+
+    assert len(vids) == len(CLIPS) + len(BAD) and sum(v["error"] is not None for v in vids) == len(BAD)
+    assert {v["model"] for v in vids} == {model_id}
+    for video in vids:
+        result = labeller.label(Path(video["key"]), stride_s=2.5)
+        rows = sorted((w for w in wins if w["key"] == video["key"]), key=lambda w: w["window"])
+        assert [(w.index, w.start_s, w.end_s, w.label, w.error) for w in result.windows] == [
+            (r["window"], r["start_s"], r["end_s"], r["label"], r["error"]) for r in rows]
+        assert (result.label, result.error, result.seconds, result.model_id) == (
+            video["label"], video["error"], video["seconds"], video["model"])
+        if result.error is None:
+            np.testing.assert_allclose([[w.probabilities[c] for c in CLASSES] for w in result.windows],
+                                       [[r[c] for c in PROB_COLUMNS] for r in rows], atol=1e-5)
+            np.testing.assert_allclose([result.probabilities[c] for c in CLASSES],
+                                       [video[c] for c in PROB_COLUMNS], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_session, videos, tiny_checkpoint, tmp_path):
+    ckpt_dir, _ = tiny_checkpoint
     shards = tmp_path / "shards"
     pack(str(videos), str(shards), shard_size=2)
     (shards / "manifest.json").unlink()  # foreign shards: only their readers can count them
@@ -219,6 +232,26 @@ def test_killed_job_run_again_labels_every_video_and_window_exactly_once(ray_ses
     assert done["videos"] == len(vids) - len(pd.read_parquet(first))
 
 
+@pytest.mark.slow
+def test_a_checkpoint_on_the_hub_labels_offline_and_the_job_names_its_commit(videos, tiny_checkpoint, hub_cache, tmp_path):
+    """The folder `train` exports, uploaded as it is, then found in the HF cache by the real
+    command with HF_HUB_OFFLINE=1: on its own local Ray, whose model actor resolves it too."""
+    ckpt_dir, model_id = tiny_checkpoint
+    shutil.copytree(ckpt_dir, cached_snapshot(hub_cache, "me/tiny-emotion", "main"), dirs_exist_ok=True)
+    output = tmp_path / "labels"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "infer", str(videos / "Positive"), "--model",
+                           "hf-hub:me/tiny-emotion", "--output", str(output), "--actors", "1", "--decode-cpus", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads((output / infer.JOB_FILE).read_text())
+    assert (job["model_id"], job["model_ref"]) == (model_id, "hf-hub:me/tiny-emotion")
+    assert (job["model_hub"]["repo"], job["model_hub"]["commit"]) == ("me/tiny-emotion", COMMIT)
+    vids = pd.read_parquet(output / "videos")
+    assert len(vids) == 2 and vids["error"].isna().all() and set(vids["model"]) == {model_id}
+
+
 def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):
     # The session's Ray has 4 CPUs: one model actor per GPU (or one on a CPU), one CPU for the
     # read tasks, and every other CPU decodes.
@@ -229,7 +262,7 @@ def test_pools_are_sized_from_the_cluster_unless_the_flags_say(ray_session):
     assert PredictOptions(actors=2, gpus_per_actor=0.0).resolved().decode_cpus == 1
 
 
-def test_user_mistakes_exit_2_with_a_reason(videos, checkpoint, tmp_path, capsys):
+def test_user_mistakes_exit_2_with_a_reason(videos, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["infer", str(videos), "--model", str(tmp_path / "nothing"), "--output", str(out)]) == 2
     assert "error: bad_checkpoint:" in capsys.readouterr().err
@@ -238,19 +271,19 @@ def test_user_mistakes_exit_2_with_a_reason(videos, checkpoint, tmp_path, capsys
 
     out.mkdir()
     (out / infer.JOB_FILE).write_text(json.dumps({"model_id": "someone-else"}))
-    assert main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out)]) == 2
+    assert main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out)]) == 2
     assert "error: output_in_use:" in capsys.readouterr().err
     plan = {"mode": "all", "stride_s": None, "max_windows": None}
-    (out / infer.JOB_FILE).write_text(json.dumps({"model_id": checkpoint[1], "window_plan": plan}))
-    assert main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out), "--max-windows", "3"]) == 2
+    (out / infer.JOB_FILE).write_text(json.dumps({"model_id": tiny_checkpoint[1], "window_plan": plan}))
+    assert main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out), "--max-windows", "3"]) == 2
     err = capsys.readouterr().err
     assert "error: output_in_use:" in err and "'max_windows': 3" in err
     with pytest.raises(SystemExit):
-        main(["infer", str(videos), "--model", checkpoint[0], "--output", str(out), "--stride", "0"])
+        main(["infer", str(videos), "--model", tiny_checkpoint[0], "--output", str(out), "--stride", "0"])
 
 
-def test_model_refs_name_their_weights(checkpoint, bucket, capsys):
-    ckpt_dir, model_id = checkpoint
+def test_model_refs_name_their_weights(tiny_checkpoint, bucket, capsys):
+    ckpt_dir, model_id = tiny_checkpoint
     storage.upload_dir(ckpt_dir, f"{bucket}/refs/tiny")
     local, info = load_model_ref(ckpt_dir)
     remote, remote_info = load_model_ref(f"{bucket}/refs/tiny")

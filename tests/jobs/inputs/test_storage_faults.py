@@ -24,14 +24,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from groupemotion_core.weights.checkpoint import save_checkpoint
 from groupemotion_core.model.config import preset
-from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow
 from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
 from ray_jobs.inputs import storage
+from ray_jobs.inputs.listing import Listing
 from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
 from ray_jobs.commands.pack import pack
 from ray_jobs.inputs.sources import list_inputs, read_labels_csv
@@ -157,7 +155,7 @@ def test_a_multipart_upload_whose_part_fails_is_aborted_and_the_first_error_is_t
 
 def test_a_unit_whose_rows_the_store_failed_is_left_for_a_rerun_and_the_others_commit(tmp_path):
     shards = ["s3://b/shards/shard-000000.tar", "s3://b/shards/shard-000001.tar"]
-    units = plan_units(shards)
+    units = plan_units(Listing([], "uri", None, 256, shards=shards), str(tmp_path / "labels"))
     summary = Summary(units=2)
     notes: list[str] = []
     writer = LabelWriter(units, str(tmp_path / "labels"), "m1", summary, on_commit=notes.append)
@@ -202,13 +200,12 @@ def _read(uri: str) -> pd.DataFrame:
     return pd.read_parquet(path, filesystem=fs)
 
 
+@pytest.mark.slow
 def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_every_video_once(
-    videos, tmp_path, s3_bucket, flaky_s3, record_property
+    videos, tiny_checkpoint, s3_bucket, flaky_s3, record_property
 ):
     root, csv = videos
-    torch.manual_seed(0)
-    save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "model")
-    storage.upload_dir(str(tmp_path / "model"), f"{s3_bucket}/model")
+    storage.upload_dir(tiny_checkpoint[0], f"{s3_bucket}/model")
     manifest = pack(str(root), f"{s3_bucket}/shards", labels_csv=str(csv), shard_size=2, progress=io.StringIO())
     output = f"{s3_bucket}/labels"
     argv = ["infer", f"{s3_bucket}/shards", "--model", f"{s3_bucket}/model", "--output", output,
@@ -244,6 +241,7 @@ def test_infer_through_a_flaky_store_leaves_what_it_cannot_read_then_labels_ever
     assert min(flaky_s3.injected[kind] for kind in ("slowdown", "drop", "truncate")) >= 1, flaky_s3.injected
 
 
+@pytest.mark.slow
 def test_train_through_a_flaky_store_stops_when_it_reads_no_clip_then_trains_two_epochs(
     tmp_path, s3_bucket, flaky_s3, record_property
 ):

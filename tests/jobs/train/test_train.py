@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
 import s3fs
 import torch
 
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.weights.checkpoint import load_checkpoint
 from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES
@@ -61,13 +61,10 @@ def metrics_lines(fs, path: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_session, s3_server, data, tmp_path_factory) -> dict:
+def s3_run(ray_session, s3_server, make_bucket, data, tmp_path_factory) -> dict:
     """One finished 3-epoch run whose --output is on S3, and what it printed."""
-    import boto3
-
-    bucket = f"train-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    output = f"s3://{bucket}/runs/tiny"
+    output = f"{make_bucket()}/runs/tiny"
+    bucket = output[len("s3://"):].split("/", 1)[0]
     capture = tmp_path_factory.mktemp("capture") / "stdout"
     with capture.open("w") as out, contextlib.redirect_stdout(out):
         status = train(data, output, "--epochs", str(EPOCHS))
@@ -75,6 +72,7 @@ def s3_run(ray_session, s3_server, data, tmp_path_factory) -> dict:
             "stdout": capture.read_text(), "fs": s3fs.S3FileSystem(endpoint_url=s3_server)}
 
 
+@pytest.mark.slow
 def test_training_learns_the_classes(s3_run):
     assert s3_run["status"] == 0
     history = metrics_lines(s3_run["fs"], f"{s3_run['output']}/metrics.jsonl")
@@ -94,6 +92,7 @@ def test_training_learns_the_classes(s3_run):
         assert s3_run["stdout"].count(f"[train] epoch {epoch}/{EPOCHS}: ") == 1
 
 
+@pytest.mark.slow
 def test_checkpoints_and_config_land_on_s3(s3_run):
     fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
     names = {p[len(root) + 1:] for p in fs.find(root)}
@@ -111,6 +110,7 @@ def test_checkpoints_and_config_land_on_s3(s3_run):
     assert run_config["training"]["effective_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
     fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
     fs.get(f"{root}/best/", str(tmp_path / "best"), recursive=True)
@@ -126,6 +126,30 @@ def test_best_epoch_is_exported_ready_for_inference(s3_run, tmp_path):
     assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
+def test_the_exported_folder_carries_a_model_card_the_hub_reads(s3_run, data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    fs, root = s3_run["fs"], s3_run["output"][len("s3://"):]
+    fs.get(f"{root}/best/", str(tmp_path / "best"), recursive=True)
+    info = json.loads((tmp_path / "best" / "config.json").read_text())
+    [best] = [m for m in metrics_lines(fs, f"{root}/metrics.jsonl") if m["epoch"] == info["epoch"]]
+
+    card = ModelCard.load(tmp_path / "best" / "README.md")  # the hub's own parser of the YAML header
+    scores = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert scores == {"accuracy": round(best["val_accuracy"], 4), "f1": round(best["val_macro_f1"], 4)}
+    assert {r.dataset_split for r in card.data.eval_results} == {"validation"}
+    assert card.data.base_model is None  # the run started from random encoders
+    text = card.text
+    assert f"`{info['model_id']}`" in text and f"epoch, {info['epoch']} of {EPOCHS}," in text
+    assert f"training data: `{data['train']}`" in text and f"validation data: `{data['val']}`" in text
+    assert "arXiv:2111.05890" in text and json.dumps(info["model"], indent=2, sort_keys=True) in text
+    confusion_rows = [f"| {name} | " + " | ".join(map(str, row)) + " |"
+                      for name, row in zip(CLASSES, best["val_confusion"])]
+    assert all(row in text for row in confusion_rows)
+
+
+@pytest.mark.slow
 def test_a_resumed_run_fills_the_cache_and_a_later_run_reads_it_through_a_worker_death(
     s3_run, data, tmp_path: Path, capsys
 ):
@@ -209,6 +233,17 @@ def test_a_rerun_with_another_model_is_refused(ray_session, data, tmp_path: Path
     (tmp_path / "run_config.json").write_text(json.dumps({"model": other}))
     assert train(data, str(tmp_path), "--epochs", "1") == 2
     assert "error: config_mismatch" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_temporal_pool_existed_resumes_with_feature_map_pooling_only(tmp_path: Path):
+    from ray_jobs.commands.train import RUN_CONFIG, _check_same_model
+
+    old = preset("paper-framewise").to_dict()
+    del old["vision"]["temporal_pool"]  # as every run_config.json written before the field
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({"model": old}))
+    _check_same_model(str(tmp_path), {"model": preset("paper-framewise").to_dict()})
+    with pytest.raises(GroupEmotionError, match="config_mismatch"):
+        _check_same_model(str(tmp_path), {"model": preset("paper").to_dict()})
 
 
 def test_run_config_records_the_pretrained_weights_it_starts_from(tmp_path: Path):
