@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from ray_jobs.inputs import storage
-from groupemotion_core.errors import error_reason
 from ray_jobs.sinks import labels
 
 BINS = 20
