@@ -29,8 +29,9 @@ from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 ROOT = Path(__file__).resolve().parents[1]
-# A busy 2-core machine starts a node's agents slowly; Ray's default (a few seconds) gives up.
-_AGENT_REGISTER_TIMEOUT_MS = "120000"
+# A busy 2-core machine starts a node slowly: its agents, and its raylet's registration with the
+# GCS, take longer than Ray's defaults wait (seconds, 30 s).
+_SLOW_START = {"RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
 _START_TIMEOUT_S = 180.0
 
 
@@ -51,7 +52,7 @@ class LoopbackCluster:
     def __init__(self, env: dict[str, str] | None = None):
         """`env`: more variables for every node, e.g. Ray's own settings (`RAY_<name>`)."""
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    "RAY_agent_register_timeout_ms": _AGENT_REGISTER_TIMEOUT_MS, **(env or {})}
+                    **_SLOW_START, **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, tuple[subprocess.Popen, str]] = {}
         self.address = ""  # the head's GCS, host:port
@@ -74,10 +75,14 @@ class LoopbackCluster:
         self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"])
 
     def lose(self, name: str) -> None:
-        """The node is gone at once: its raylet and every process of it, SIGKILL. Its temp dir
+        """The node is gone at once, as when its machine goes: every process of it is stopped
+        (SIGSTOP) before any is killed, so none can tell the cluster (a raylet whose agent died
+        first would unregister itself, and Ray would learn of the loss at once). Its temp dir
         stays until `stop` (what a lost machine's disk would hold does not matter here)."""
         node, temp = self.nodes[name]
-        _kill(_processes_of(node, temp))
+        processes = _processes_of(node, temp)
+        _kill(processes, signal.SIGSTOP)
+        _kill(processes + _processes_of(node, temp))
         node.wait(timeout=30)
 
     def runs(self, name: str, text: str) -> bool:
@@ -124,7 +129,7 @@ class LoopbackCluster:
         if survivors:
             raise RuntimeError(f"processes of the test's Ray survived its teardown: {survivors}")
 
-    def _start(self, name: str, args: list[str], tries: int = 2) -> None:
+    def _start(self, name: str, args: list[str], tries: int = 3) -> None:
         for _ in range(tries):
             temp = tempfile.mkdtemp(prefix=f"rc-{name}-", dir="/tmp")  # short: socket paths
             ports = free_ports(6)
@@ -141,7 +146,7 @@ class LoopbackCluster:
             self.nodes[name] = (node, temp)
             if _started(node, f"{temp}.out"):
                 return
-            self.lose(name)  # a node that could not register in time (a busy machine): once more
+            self.lose(name)  # a node that could not register in time (a busy machine): again
             self.nodes.pop(name)
             shutil.rmtree(temp, ignore_errors=True)
             log = Path(f"{temp}.out")
@@ -231,10 +236,10 @@ def _processes_of(node: subprocess.Popen, temp: str) -> list[int]:
     return [p for p in reversed(tree)] + sorted(own - set(tree))
 
 
-def _kill(pids: list[int]) -> None:
+def _kill(pids: list[int], sig: signal.Signals = signal.SIGKILL) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
 
 
 def _alive(pid: int) -> bool:
