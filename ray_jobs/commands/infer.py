@@ -139,6 +139,7 @@ def infer(
     """
     from ray_jobs.runtime.console import Progress
     from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
+    from ray_jobs.runtime.pools import live_capacity
     from ray_jobs.runtime.session import ensure_ray
     from ray_jobs.inputs.sources import TableRead, shard_videos
 
@@ -163,7 +164,8 @@ def infer(
         return summary
 
     ensure_ray(verbose=verbose)
-    options = options.resolved()
+    capacity = live_capacity()
+    options = options.resolved(capacity)
     storage.remove(success)
     _write_json(storage.join(output, JOB_FILE), {
         "model_id": info["model_id"],
@@ -190,7 +192,7 @@ def infer(
     progress.note(
         f"infer: {'?' if videos is None else videos} videos in {len(units)} units "
         f"({summary.units_skipped} already committed); {options.decode_cpus} decode actors, "
-        f"{options.actors} model actors{' on GPUs' if options.gpus_per_actor else ''}"
+        f"{options.actors} model actors{' on GPUs' if options.gpus_per_actor else ''}; {capacity.describe()}"
     )
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
                          on_commit=progress.note, parts=[r.uri for r in reads], unit_rows=listed.unit_rows)

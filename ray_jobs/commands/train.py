@@ -35,7 +35,8 @@ training clip (or no validation clip) could be read stops with the clips' reason
 `error: storage_unavailable: ...` or `error: undecodable: ...` (exit status 2), and exports no
 model; a failure to write the checkpoints or metrics to --output stops it in one line too.
 --fail-once-at-epoch E is the switch that proves recovery: one worker exits in the middle of
-epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened).
+epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened), as
+soon as Ray Train holds the checkpoint of epoch E-1, so the run resumes from that checkpoint.
 
 With RAY_ADDRESS unset a local Ray is started; under `ray job submit` use
 `python -m ray_jobs.commands.train ARGS`.
@@ -118,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "latest (default: %(default)s)")
     faults.add_argument("--fail-once-at-epoch", type=int, metavar="E",
                         help="testing switch: the last worker exits in the middle of epoch E, once "
-                             "per output folder, to exercise recovery")
+                             "per output folder, once the checkpoint of epoch E-1 is saved: the run "
+                             "must resume from it")
     add_stall_argument(faults)
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's, Ray Data's and Ray Train's own output on the console "
@@ -331,6 +333,7 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
         "pretrained_vision": pinned_source(run_config["pretrained"]["vision"]),
         "pretrained_audio": pinned_source(run_config["pretrained"]["audio"]),
         "output": args.output,
+        "checkpoints": storage.join(args.output, CHECKPOINTS),
         "fail_once_at_epoch": args.fail_once_at_epoch,
         "console": console,
         "pulse": pulse,
