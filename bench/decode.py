@@ -183,13 +183,15 @@ def per_window(kind: str, clips: int, seconds: float, repeat: int) -> dict:
         assert all(np.array_equal(w.clip.frames, f.clip.frames) for w, f in zip(windows, full_decode(data)))
         shown = [t for w in windows for t in w.clip.frame_times]
         peers, missing = window_peers(shown)
-        for name, fetch in {**decoders, **peers}.items():
+        fetchers = {**decoders, **peers}
+        for fetch in fetchers.values():
             fetch(data)  # warm-up
-            busy = time.process_time()
-            for _ in range(repeat):
+        for _ in range(repeat):  # in turns, so that a busier spell of the machine falls on all alike
+            for name, fetch in fetchers.items():
+                busy = time.process_time()
                 fetch(data)
-            cpu[name] = cpu.get(name, 0.0) + time.process_time() - busy
-            counts[name] = counts.get(name, 0) + repeat * len(windows)
+                cpu[name] = cpu.get(name, 0.0) + time.process_time() - busy
+                counts[name] = counts.get(name, 0) + len(windows)
     per = {name: round(cpu[name] / counts[name], 4) for name in cpu}
     peer_times = [per[name] for name in per if name not in decoders]
     return {

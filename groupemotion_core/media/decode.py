@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from array import array
 import io
 import os
 from collections import deque
@@ -95,7 +94,7 @@ AUDIO_PREROLL_S = 1.0
 AUDIO_SEEK_S = 10.0
 
 # Seconds at the end of a video, by its header, demuxed to find where it really ends when its
-# windows are sparse (see _survey).
+# windows are sparse (see _tail_end).
 TAIL_S = 30.0
 
 # What FFmpeg raises, and PyAV's own checks of what FFmpeg gives it.
@@ -179,17 +178,31 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
         clip = decode_clip(source, spec, 0.0)
         yield Window(0, 1, 0.0, clip.seconds, clip)
         return
-    try:
-        with _open_container(source, spec) as container:
-            video_end, keyframes = _tail_end(container, spec, plan), None
-        if video_end is None:
-            with _open_container(source, spec) as container:
-                video_end, keyframes = _survey(container, spec)
-    except _FFMPEG_ERRORS as e:
-        raise _decode_error(e) from None
-    windows = plan_windows(video_end, spec.clip_seconds, plan)
+    with contextlib.ExitStack() as stack:
+        try:
+            surveyed = stack.enter_context(_open_container(source, spec))
+            sparse = _sparse(surveyed, spec, plan)
+            video_end, keyframes = _tail_end(surveyed, spec) if sparse else None, None
+            if video_end is None:
+                if sparse:  # sought in vain: demux it whole from the start
+                    surveyed.close()
+                    surveyed = stack.enter_context(_open_container(source, spec))
+                video_end, keyframes = _survey(surveyed, spec)
+        except _FFMPEG_ERRORS as e:
+            raise _decode_error(e) from None
+        # An MP4's opening reads its whole sample index (50 ms for two hours): the pictures read on
+        # in the one the tail was read from.
+        reused = surveyed if keyframes is None and surveyed.format.name.startswith("mov") else None
+        if reused is None:
+            surveyed.close()
+        yield from _windows(source, spec, plan_windows(video_end, spec.clip_seconds, plan), keyframes, reused)
+
+
+def _windows(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
+             reused):
+    """decode_windows' Windows of the (start, end) `windows`, once the survey has placed them."""
     spans = [(start, end - start) for start, end in windows]
-    with contextlib.closing(_fill(source, spec, spans, keyframes)) as clips:
+    with contextlib.closing(_fill(source, spec, spans, keyframes, reused)) as clips:
         for index, (start, end) in enumerate(windows):
             try:
                 clip = next(clips)
@@ -212,21 +225,25 @@ def _replayable(source: Source, spec: DecodeSpec) -> Source:
     return source.read(spec.max_input_bytes + 1)
 
 
-def _tail_end(container, spec: DecodeSpec, plan: WindowPlan) -> float | None:
-    """Where the video ends, from its last packets alone, when its windows will be sparse
-    (`max_windows` of many more); None to demux it whole (`_survey`).
+def _sparse(container, spec: DecodeSpec, plan: WindowPlan) -> bool:
+    """Whether the plan keeps few of the video's windows (`max_windows` of many more), by the
+    length its header declares."""
+    declared = _declared_seconds(container, _video_stream(container, spec)) or 0.0
+    return plan.max_windows is not None and declared / (plan.stride_s or spec.clip_seconds) > 2 * plan.max_windows
 
-    Demuxing a two-hour video's every packet costs more than its 8 windows, so only its last
-    TAIL_S seconds, as its header says, are: the last frame is among them wherever the header is
-    wrong, since the read goes on to the end of the file. The keyframes are then not known, and
-    each window is sought. A file that cannot seek is demuxed whole.
+
+def _tail_end(container, spec: DecodeSpec) -> float | None:
+    """Where the video ends, from its last packets alone; None to demux it whole (`_survey`).
+
+    Demuxing a two-hour video's every packet costs more than its 8 sparse windows, so only its
+    last TAIL_S seconds, as its header says, are: the last frame is among them wherever the
+    header is wrong, since the read goes on to the end of the file. The keyframes are then not
+    known, and each window is sought. A file that cannot seek is demuxed whole.
     """
     video = _video_stream(container, spec)
     declared = _declared_seconds(container, video) or 0.0
-    if plan.max_windows is None or declared / (plan.stride_s or spec.clip_seconds) <= 2 * plan.max_windows:
-        return None
     try:
-        _seek(container, video, declared - TAIL_S)
+        _seek(container, video, max(0.0, declared - TAIL_S))
     except av.error.FFmpegError:
         return None
     end = _last_frame_end(_video_packets(container, video, spec), video)
@@ -305,14 +322,15 @@ def _video_packets(container, video, spec: DecodeSpec):
             yield packet, t
 
 
-def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None):
+def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None = None,
+          reused=None):
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
     its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
     as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes)) as pictures, \
+    with contextlib.closing(_pictures(source, spec, windows, keyframes, reused)) as pictures, \
             contextlib.closing(_sounds(source, spec, windows)) as sounds:
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
@@ -325,7 +343,8 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             yield DecodedClip(frames, audio, audio_len, times, float(length))
 
 
-def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None):
+def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
+              reused=None):
     """Each window's (frames, frame_times), or its DecodeError, in order, read forward.
 
     A window opens when the read reaches its start, with the frame on screen then, and is given
@@ -334,14 +353,18 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     decode_clip (no `keyframes`), and for decode_windows only when a keyframe lies between what
     has been read and the window. A seek that fails (FLV without an index), or that lands after
     its window or nowhere (MPEG-TS has no index and only guesses), makes it open the input again
-    and read on from time 0 without seeking, as a player does.
+    and read on from time 0 without seeking, as a player does. A `reused` opening (an MP4 the
+    survey read, the caller's to close) is read first, sought back to time 0.
     """
     following = 0  # the first window not opened yet
     may_seek = True
     targets = np.sort(np.concatenate([_targets(*window, spec) for window in windows]))
     while following < len(windows):
-        with _open_container(source, spec) as container:
+        with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
             video = _VideoReader(container, spec, targets)
+            if reused is not None:
+                video.seek(0.0)
+                reused = None
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
                 sought = None
@@ -551,58 +574,64 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     live: deque[_AudioRun] = deque()
     restarts = [start - AUDIO_PREROLL_S for start, _ in windows]
     may_seek = True
-    while following < len(windows):
-        with _open_container(source, spec) as container:
-            origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
-            stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
-            if stream is None:
-                break
-            _demux_only(container, [stream])
-            tb, position = float(stream.time_base), 0.0
-            while True:  # one read: from time 0, or from a seek
-                sought, pending = False, []  # pending: the last packet at or before the next restart, and the untimed ones after it
-                if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
-                    try:
-                        container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
-                    except av.error.FFmpegError:
-                        may_seek = False
-                        break
-                    sought = True
-                for packet in container.demux(stream):
-                    ts = packet.pts if packet.pts is not None else packet.dts
-                    t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
-                    if t is not None:
-                        _check_duration(t, spec)
-                        position = t
-                        if following < len(windows) and t > restarts[following] and sought and not pending:
-                            may_seek = False  # the seek landed after the restart packet
+    try:
+        while following < len(windows):
+            with _open_container(source, spec) as container:
+                origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
+                stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
+                if stream is None:
+                    break
+                _demux_only(container, [stream])
+                tb, position = float(stream.time_base), 0.0
+                while True:  # one read: from time 0, or from a seek
+                    # pending: the last packet at or before the next restart, and the untimed ones after it
+                    sought, pending = False, []
+                    if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
+                        try:
+                            container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
+                        except av.error.FFmpegError:
+                            may_seek = False
                             break
-                        while following < len(windows) and t > restarts[following]:
-                            live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
-                            for early in pending:
-                                live[-1].feed(early)
-                            following += 1
-                        if following < len(windows):
-                            pending = [packet]
-                    elif pending:
-                        pending.append(packet)
-                    sought = sought and not live
-                    for run in live:
-                        run.feed(packet)
-                    while live and live[0].sound.done:
-                        yield live.popleft().close()
-                    if not live and may_seek and following < len(windows) and restarts[following] > position + AUDIO_SEEK_S:
-                        break  # on to a seek
-                else:  # the end of the audio
-                    while live:
-                        yield live.popleft().close()
-                    for _ in windows[following:]:
-                        yield np.zeros(0, np.float32)
-                    return
-                if not may_seek:
-                    break  # open the input again and read it from time 0
-    for _ in windows[following:]:
-        yield np.zeros(0, np.float32)
+                        sought = True
+                    for packet in container.demux(stream):
+                        ts = packet.pts if packet.pts is not None else packet.dts
+                        t = None if ts is None else ts * tb - origin  # None: untimed, or the flush packet at the end
+                        if t is not None:
+                            _check_duration(t, spec)
+                            position = t
+                            if following < len(windows) and t > restarts[following] and sought and not pending:
+                                may_seek = False  # the seek landed after the restart packet
+                                break
+                            while following < len(windows) and t > restarts[following]:
+                                live.append(_AudioRun(stream, source, spec, windows[following][0], origin))
+                                for early in pending:
+                                    live[-1].feed(early)
+                                following += 1
+                            if following < len(windows):
+                                pending = [packet]
+                        elif pending:
+                            pending.append(packet)
+                        sought = sought and not live
+                        for run in live:
+                            run.feed(packet)
+                        while live and live[0].sound.done:
+                            yield live.popleft().close()
+                        gap = following < len(windows) and restarts[following] > position + AUDIO_SEEK_S
+                        if not live and may_seek and gap:
+                            break  # on to a seek
+                    else:  # the end of the audio
+                        while live:
+                            yield live.popleft().close()
+                        for _ in windows[following:]:
+                            yield np.zeros(0, np.float32)
+                        return
+                    if not may_seek:
+                        break  # open the input again and read it from time 0
+        for _ in windows[following:]:
+            yield np.zeros(0, np.float32)
+    finally:  # a read given up part way: the decoders borrowed go back
+        for run in live:
+            run.release()
 
 
 class _AudioRun:
@@ -627,15 +656,16 @@ class _AudioRun:
     """
 
     def __init__(self, stream, source: Source, spec: DecodeSpec, start: float, origin: float):
-        self.tb, self.origin, self.spec = float(stream.time_base), origin, spec
+        self.tb, self.origin = float(stream.time_base), origin
         self.sound = _Sound(start, spec)
-        self.end = None  # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+        # where the last frame ended: a frame without a time (some WMA packets decode to several) starts there
+        self.end = None
         self.lender = None
         own = stream.codec_context
         if own.name in _FRESH_DECODERS:
             self.decoder = av.CodecContext.create(own.codec, "r")
-            self.decoder.extradata, self.decoder.sample_rate, self.decoder.layout = own.extradata, own.sample_rate, own.layout
-            self.decoder.bit_rate = own.bit_rate or 0
+            self.decoder.extradata, self.decoder.sample_rate = own.extradata, own.sample_rate
+            self.decoder.layout, self.decoder.bit_rate = own.layout, own.bit_rate or 0
             self.decoder.options = {"pkt_timebase": str(stream.time_base)}
         else:
             self.lender = _open_container(source, spec)
@@ -660,9 +690,13 @@ class _AudioRun:
                 self.sound.add(frame, t, frame.samples / frame.sample_rate)
 
     def close(self) -> np.ndarray:
+        """The window's samples; the decoder is done with."""
+        self.release()
+        return self.sound.samples()
+
+    def release(self) -> None:
         if self.lender is not None:
             self.lender.close()
-        return self.sound.samples()
 
 
 class _Sound:

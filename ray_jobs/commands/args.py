@@ -11,6 +11,7 @@ import argparse
 from typing import Callable
 
 from groupemotion_core.media.spec import WINDOW_MODES, WindowPlan
+from ray_jobs.inputs.tables import URI_COLUMN
 from ray_jobs.predict.pipeline import PredictOptions
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S
 
@@ -31,6 +32,10 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0, "zero or a positive number")
 
 
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    return _number(int, lambda v: low <= v <= high, f"a whole number from {low} to {high}")
+
+
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     """Which windows of a video are decoded (`WindowPlan`), as `decode`, `infer` and `eval` take them."""
     parser.add_argument("--windows", choices=WINDOW_MODES, default="all",
@@ -48,7 +53,9 @@ def window_plan(args: argparse.Namespace) -> WindowPlan:
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `infer` and `eval` share: their inputs, the model, the windows and the pools."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="tar shards, videos, folders, prefixes, globs, manifests")
+                        help="tar shards, videos, tables of videos (.parquet/.csv/.jsonl), folders, prefixes, "
+                             "globs, manifests")
+    add_uri_column_argument(parser)
     parser.add_argument("--model", required=True,
                         help="checkpoint folder or URI, hf-hub:OWNER/REPO[@REVISION] (a checkpoint on the "
                              "Hugging Face hub), or preset:tiny|paper (random weights)")
@@ -61,6 +68,12 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-cpus", type=positive_int,
                         help="one-CPU decode actors (default: every CPU the model actors and readers leave)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log output on the console")
+
+
+def add_uri_column_argument(parser) -> None:
+    """Which column of a table input names the videos (`ray_jobs.inputs.tables`): infer, eval, train."""
+    parser.add_argument("--uri-column", default=URI_COLUMN, metavar="NAME",
+                        help="a table input's column of video URIs (default: %(default)s)")
 
 
 def prediction_options(args: argparse.Namespace) -> PredictOptions:

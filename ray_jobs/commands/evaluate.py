@@ -1,11 +1,13 @@
 """Evaluate a model on labelled clips: metrics JSON, a confusion-matrix picture and a per-class table.
 
-    groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--windows all|first]
+    groupemotion eval DATA... --model REF --report DIR [--labels CSV] [--uri-column NAME] [--windows all|first]
                       [--stride S] [--max-windows K] [--batch-size N] [--actors N]
                       [--gpus-per-actor F] [--decode-cpus N] [--stall-timeout S] [--verbose]
 
 DATA takes the inputs of `groupemotion infer` (tar shards carry their labels; plain videos take
-them from --labels, a VGAF-style CSV, or from class-named folders). The videos go through the very
+them from --labels, a VGAF-style CSV, or from class-named folders; a table of videos takes them
+from its `label` column, a class name or a VGAF number, and its URIs from `uri` or
+--uri-column). The videos go through the very
 prediction pipeline of `infer` (`ray_jobs.predict.pipeline`), windows and all, so a score describes the
 job that labels production data, decoder included. Scores are per video: a video's prediction is
 its `videos/` label in `infer`, the mean of its windows' probabilities weighted by window length
@@ -53,6 +55,7 @@ from ray_jobs.predict import pipeline
 from ray_jobs.inputs import storage
 from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
+from ray_jobs.inputs.tables import URI_COLUMN, check
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
         metrics = evaluate(args.inputs, args.model, args.report, prediction_options(args),
-                           plan=window_plan(args), labels_csv=args.labels, verbose=args.verbose,
-                           stall_timeout_s=args.stall_timeout)
+                           plan=window_plan(args), labels_csv=args.labels, uri_column=args.uri_column,
+                           verbose=args.verbose, stall_timeout_s=args.stall_timeout)
     print(format_table(metrics), flush=True)
     report = args.report if storage.is_remote(args.report) else os.path.abspath(args.report)
     print(f"report: {report}", flush=True)
@@ -82,6 +85,7 @@ def evaluate(
     *,
     plan: WindowPlan = WindowPlan(),
     labels_csv: str | None = None,
+    uri_column: str = URI_COLUMN,
     verbose: bool = False,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> dict:
@@ -97,8 +101,10 @@ def evaluate(
     if model_ref.startswith("preset:"):
         warn_random_weights(model_ref)
     uris = list_inputs(data)
+    check(uris, uri_column)  # a table's mistakes show before Ray starts
     ensure_ray(verbose=verbose)
-    predictions = pipeline.predict(uris, info["pinned_ref"], cfg.decode_spec(), plan, options.resolved(), labels_csv=labels_csv)
+    predictions = pipeline.predict(uris, info["pinned_ref"], cfg.decode_spec(), plan, options.resolved(),
+                                   labels_csv=labels_csv, uri_column=uri_column)
 
     y_true, y_pred = [], []
     errors, window_errors = collections.Counter(), collections.Counter()

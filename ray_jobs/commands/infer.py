@@ -2,13 +2,17 @@
 
     groupemotion infer INPUT... --model REF --output URI [--windows all|first] [--stride S]
                        [--max-windows K] [--batch-size N] [--actors N] [--gpus-per-actor F]
-                       [--decode-cpus N] [--stall-timeout S] [--overwrite] [--verbose]
+                       [--decode-cpus N] [--stall-timeout S] [--uri-column NAME] [--columns A,B]
+                       [--unit-videos N] [--relist] [--overwrite] [--verbose]
 
 INPUT: tar shards, plain video objects, folders/prefixes, globs or a pack manifest.json, local or
-s3:// (the layouts of `ray_jobs.inputs.sources`). REF: a checkpoint directory or URI, a checkpoint
-on the Hugging Face hub, hf-hub:OWNER/REPO[@REVISION] (resolved to one commit; offline from the HF
-cache with HF_HUB_OFFLINE=1), or preset:tiny / preset:paper for random weights (smoke tests and
-benchmarks only). The job runs on the Ray
+s3:// (the layouts of `ray_jobs.inputs.sources`), or tables of videos (`.parquet`, `.csv`,
+`.jsonl`, or a folder/prefix of them: `ray_jobs.inputs.tables`) with a `uri` column
+(`--uri-column NAME` for another name); every other column of a table (`--columns a,b` to
+choose) is carried unchanged into its videos/ rows, after the columns below. REF: a checkpoint
+directory or URI, a checkpoint on the Hugging Face hub, hf-hub:OWNER/REPO[@REVISION] (resolved to
+one commit; offline from the HF cache with HF_HUB_OFFLINE=1), or preset:tiny / preset:paper for
+random weights (smoke tests and benchmarks only). The job runs on the Ray
 cluster in RAY_ADDRESS, or on a local Ray it starts when that is unset; `ray job submit -- python
 -m ray_jobs.commands.infer ARGS` runs the same thing on a cluster.
 
@@ -43,14 +47,22 @@ Read them back with pandas (both skip names starting with `_` or `.`):
     videos = pd.read_parquet("OUTPUT/videos")     # one label per video
     windows = pd.read_parquet("OUTPUT/windows")   # how the label moves through each video
 
-Exactly once. One file of each per input unit (a tar shard, or a group of plain objects),
-committed when every video of the unit has all its rows, `videos/` last: a committed unit is
-always complete, and an interrupted job never leaves a unit that looks complete
-(`ray_jobs.sinks.labels`). Running the same command again labels only the inputs no committed unit
-holds, so it adds no duplicate row, and new objects under a prefix are labelled in new units.
-`--overwrite` deletes the old files and labels everything again. One output holds one model's
-labels over one window plan: a run with another model or plan is refused unless `--overwrite` is
-given. Two jobs must not write one output at once.
+The listing. Before the first unit, the inputs are listed page by page into OUTPUT/_inputs/
+(`ray_jobs.inputs.listing`): every plain video of a folder, prefix or glob, and a copy of every
+table, in units of `--unit-videos` consecutive rows of one table or listing (default 256), plus
+the list of shards. The job then reads that listing as a stream. A rerun uses the saved listing,
+so its units are the ones the first run committed, whatever changed in the bucket since; a
+listing cut short is made again. To label objects added later, run with `--relist` (the inputs
+are listed again and every video labelled again into this output) or give the new objects to a
+new output. A rerun with other inputs than the saved listing's is refused.
+
+Exactly once. One file of each per unit (a tar shard, or a row group of the listing), committed
+when every video of the unit has all its rows, `videos/` last: a committed unit is always
+complete, and an interrupted job never leaves a unit that looks complete (`ray_jobs.sinks.labels`).
+Running the same command again labels only the units not committed yet, so it adds no duplicate
+row. `--overwrite` deletes the old files and the listing, and labels everything again. One
+output holds one model's labels over one window plan: a run with another model or plan is
+refused unless `--overwrite` is given. Two jobs must not write one output at once.
 
 How it streams. Ray Data runs three stages with their own resources: reading (one task per shard
 or object group), decoding (a fixed pool of one-CPU actors, `ray_jobs.decode.stage`, one row per
@@ -58,6 +70,10 @@ window), and the model (an actor pool, one GPU each by default when the cluster 
 actors otherwise; uint8 frames travel and are normalised on the model's device). Every CPU the
 model and the readers do not need decodes (`ray_jobs.predict.pipeline`). Only the small label rows come
 back to the driver, in no particular order; units commit as they complete.
+
+The driver holds the units in flight and one small record per unit (256 videos), never a list
+of the videos: its memory stays flat from a thousand videos to millions, and progress and ETA
+come from the listing's row counts.
 
 Faults. A node lost mid-job costs the work in flight on it, not the job: Ray restarts the lost
 actors and retries their tasks where the cluster has room. Where it has none (a node that is not
@@ -86,13 +102,19 @@ from dataclasses import asdict
 from typing import Any
 
 from groupemotion_core.errors import GroupEmotionError, split_error
-from groupemotion_core.schema import ClipRow, WindowRow
+from groupemotion_core.schema import ClipRow, VideoRow, WindowRow
 from groupemotion_core.media.spec import WindowPlan
 from ray_jobs.sinks import labels
-from ray_jobs.inputs import storage
+from ray_jobs.inputs import listing, storage, tables
 from ray_jobs.sinks.labels import JOB_FILE, SUCCESS_FILE, LabelWriter, Summary, plan_units
-from ray_jobs.commands.args import add_prediction_arguments, add_stall_argument, prediction_options, window_plan
-from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict, video_count
+from ray_jobs.commands.args import (
+    add_prediction_arguments,
+    add_stall_argument,
+    positive_int,
+    prediction_options,
+    window_plan,
+)
+from ray_jobs.predict.pipeline import PredictOptions, driver_batches, log_stats, predict
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, exit_in_bounded_time
 
 
@@ -104,6 +126,10 @@ def infer(
     *,
     plan: WindowPlan = WindowPlan(),
     overwrite: bool = False,
+    relist: bool = False,
+    uri_column: str = tables.URI_COLUMN,
+    columns: list[str] | None = None,
+    unit_videos: int = listing.UNIT_ROWS,
     verbose: bool = False,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> Summary:
@@ -114,20 +140,24 @@ def infer(
     """
     from ray_jobs.runtime.console import Progress
     from ray_jobs.predict.model_ref import describe_model_ref, warn_random_weights
+    from ray_jobs.runtime.pools import live_capacity
     from ray_jobs.runtime.session import ensure_ray
-    from ray_jobs.inputs.sources import list_inputs
+    from ray_jobs.inputs.sources import TableRead, shard_videos
 
     started = time.monotonic()
     cfg, info = describe_model_ref(model_ref)
     if model_ref.startswith("preset:"):
         warn_random_weights(model_ref)
-    all_inputs = list_inputs(inputs)
     _claim_output(output, info["model_id"], plan, overwrite)
+    listed = listing.plan(output, inputs, uri_column=uri_column, columns=columns, reserved=tuple(VideoRow.SCHEMA.names),
+                          unit_rows=unit_videos, relist=relist or overwrite,
+                          on_relist=lambda: labels.remove_all(output), note=_note)
     labels.remove_uncommitted(output)
     done = labels.committed_inputs(output)
-    units = plan_units([uri for uri in all_inputs if uri not in done])
-    summary = Summary(units=len(units) + len(plan_units([u for u in all_inputs if u in done])))
-    summary.units_skipped = summary.units - len(units)
+    every_unit = plan_units(listed, output)
+    units = [unit for unit in every_unit if unit.inputs[0] not in done]
+    summary = Summary(units=len(every_unit), units_skipped=len(every_unit) - len(units))
+    del every_unit
     success = storage.join(output, SUCCESS_FILE)
     if not units:  # nothing new: no Ray, no model; an earlier run's summary stays in _SUCCESS
         if not storage.exists(success):
@@ -135,7 +165,8 @@ def infer(
         return summary
 
     ensure_ray(verbose=verbose)
-    options = options.resolved()
+    capacity = live_capacity()
+    options = options.resolved(capacity)
     storage.remove(success)
     _write_json(storage.join(output, JOB_FILE), {
         "model_id": info["model_id"],
@@ -145,18 +176,29 @@ def infer(
         "decode_spec": asdict(cfg.decode_spec()),
         "window_plan": asdict(plan),
         "inputs": list(inputs),
+        "uri_column": uri_column,
+        "columns": columns,
         "options": asdict(options),
     })
-    todo = [uri for unit in units for uri in unit.inputs]
-    progress = Progress("infer", video_count(todo), "videos")
+    shards = [unit.inputs[0] for unit in units if unit.part is None]
+    groups: dict[str, list[int]] = {}
+    for unit in units:
+        if unit.part is not None:
+            groups.setdefault(unit.part, []).append(unit.group)
+    reads = [TableRead(part, tuple(g)) for part, g in groups.items()]
+    counted = shard_videos(shards)
+    videos = None if len(counted) < len(shards) else sum(counted.values()) + sum(
+        unit.videos for unit in units if unit.part is not None)
+    progress = Progress("infer", videos, "videos")
     progress.note(
-        f"infer: {len(todo)} inputs in {len(units)} units "
+        f"infer: {'?' if videos is None else videos} videos in {len(units)} units "
         f"({summary.units_skipped} already committed); {options.decode_cpus} decode actors, "
-        f"{options.actors} model actors{' on GPUs' if options.gpus_per_actor else ''}"
+        f"{options.actors} model actors{' on GPUs' if options.gpus_per_actor else ''}; {capacity.describe()}"
     )
     writer = LabelWriter(units, output, info["model_id"], summary, on_video=lambda rows: _advance(progress, rows),
-                         on_commit=progress.note)
-    predictions = predict(todo, info["pinned_ref"], cfg.decode_spec(), plan, options, shard_ends=True)
+                         on_commit=progress.note, parts=[r.uri for r in reads], unit_rows=listed.unit_rows)
+    predictions = predict(shards, info["pinned_ref"], cfg.decode_spec(), plan, options, shard_ends=True,
+                          table_reads=reads, videos=videos)
     try:
         for batch in driver_batches(predictions, stall_timeout_s):
             writer.add(batch)
@@ -173,6 +215,12 @@ def infer(
                                 "units are committed; run the same command again to finish")
     _write_json(success, summary.to_dict())
     return summary
+
+
+def _note(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def _advance(progress, rows: list[dict]) -> None:
@@ -216,14 +264,32 @@ def _write_json(uri: str, value: Any) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prediction_arguments(parser)
     parser.add_argument("--output", required=True, help="output folder or s3:// prefix for the Parquet files")
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier output and label everything again")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete earlier output and its listing, and label everything again")
+    parser.add_argument("--relist", action="store_true",
+                        help="list the inputs again (objects added since the saved listing) and label every "
+                             "video of the new listing again into this output")
+    parser.add_argument("--columns", type=_names, metavar="A,B",
+                        help="a table input's columns to carry into videos/ (default: all but the URI column)")
+    parser.add_argument("--unit-videos", type=positive_int, default=listing.UNIT_ROWS, metavar="N",
+                        help="videos per output unit (a file in windows/ and videos/), fixed by the first "
+                             "run of an output (default: %(default)s)")
     add_stall_argument(parser)
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no column")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
     with exit_in_bounded_time():
         summary = infer(args.inputs, args.model, args.output, prediction_options(args), plan=window_plan(args),
-                        overwrite=args.overwrite, verbose=args.verbose, stall_timeout_s=args.stall_timeout)
+                        overwrite=args.overwrite, relist=args.relist, uri_column=args.uri_column,
+                        columns=args.columns, unit_videos=args.unit_videos, verbose=args.verbose,
+                        stall_timeout_s=args.stall_timeout)
     print(f"infer: {summary.line()}", flush=True)
     return 0
 

@@ -17,8 +17,10 @@ at the first dot). Then manifest.json: the shards with their clips, bytes, sha25
 class, and the totals. The manifest is written last, so it exists only for a finished pack.
 
 Same input, same bytes: videos go in sorted order, tar headers carry fixed times, owners and
-modes, and the JSON is canonical. Memory holds the list of names and one video at a time: each
-shard is streamed to DEST, where it appears whole or not at all. A shard-NNNNNN.tar in DEST that the new
+modes, and the JSON is canonical. Videos are read READERS at a time (an object store answers one
+request in tens of milliseconds, so one at a time would take days for a million objects), in
+order, with at most READ_AHEAD_BYTES of them held beyond the one being written: memory holds the
+list of names and that window. Each shard is streamed to DEST, where it appears whole or not at all. A shard-NNNNNN.tar in DEST that the new
 manifest does not list (left by an earlier, larger pack) is deleted. Progress: one line per shard
 on stderr.
 
@@ -37,9 +39,10 @@ import json
 import posixpath
 import sys
 import tarfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Iterator, TextIO
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import DecodeSpec
@@ -56,6 +59,8 @@ from ray_jobs.inputs.sources import (
 
 DEFAULT_SHARD_SIZE = 1000
 SHARD_NAME = "shard-{:06d}.tar"
+READERS = 16
+READ_AHEAD_BYTES = 256 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +86,7 @@ class _Clip:
     key: str
     ext: str
     label: str | None
+    size: int
 
 
 def pack(
@@ -128,7 +134,7 @@ def _clips(src: str, labels_csv: str | None) -> list[_Clip]:
     labels = _strict_labels(labels_csv) if labels_csv else None
     clips: list[_Clip] = []
     keys: dict[str, str] = {}
-    for uri, _ in videos:
+    for uri, size in videos:
         path = storage.filesystem(uri)[1]
         rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
         stem, ext = posixpath.splitext(rel)
@@ -142,7 +148,7 @@ def _clips(src: str, labels_csv: str | None) -> list[_Clip]:
             label = labels[video_stem(uri)]
         else:
             raise GroupEmotionError("unlabelled", f"{uri} is not in {labels_csv}")
-        clips.append(_Clip(uri, key, ext.lstrip(".").lower(), label))
+        clips.append(_Clip(uri, key, ext.lstrip(".").lower(), label, size))
     if labels is not None:
         missing = sorted(set(labels) - {video_stem(c.uri) for c in clips})
         if missing:
@@ -176,12 +182,11 @@ class _Hashing:
 
 
 def _write_shard(uri: str, name: str, clips: list[_Clip]) -> dict:
-    limit = DecodeSpec().max_input_bytes
     with storage.open_write_atomic(uri) as out:
         hashing = _Hashing(out)
         with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for clip in clips:
-                _add(tar, f"{clip.key}.{clip.ext}", storage.read_bytes(clip.uri, max_bytes=limit))
+            for clip, data in _read_ahead(clips):
+                _add(tar, f"{clip.key}.{clip.ext}", data)
                 _add(tar, f"{clip.key}.json", _canonical_json({"label": clip.label}))
     classes = Counter(c.label for c in clips if c.label is not None)
     return {
@@ -191,6 +196,25 @@ def _write_shard(uri: str, name: str, clips: list[_Clip]) -> dict:
         "sha256": hashing.sha256.hexdigest(),
         "classes": {c: classes.get(c, 0) for c in CLASSES},
     }
+
+
+def _read_ahead(clips: list[_Clip]) -> Iterator[tuple[_Clip, bytes]]:
+    """The clips with their bytes, in order, read READERS at a time: a read starts while the ones
+    in flight hold less than READ_AHEAD_BYTES (by their listed sizes), or when none is in flight."""
+    limit = DecodeSpec().max_input_bytes
+    pending: deque = deque()
+    held = 0
+    with ThreadPoolExecutor(READERS) as pool:
+        for clip in clips:
+            while pending and (len(pending) >= READERS or held + clip.size > READ_AHEAD_BYTES):
+                done, future = pending.popleft()
+                held -= done.size
+                yield done, future.result()
+            pending.append((clip, pool.submit(storage.read_bytes, clip.uri, limit)))
+            held += clip.size
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

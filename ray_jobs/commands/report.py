@@ -33,6 +33,7 @@ import time
 
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import CLASSES
+from ray_jobs.commands.args import int_between
 from ray_jobs.inputs import storage
 from ray_jobs.report import figures, frames, page
 from ray_jobs.report.scan import Scan, check_output, scan
@@ -108,26 +109,22 @@ def _read_json(uri: str) -> dict | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    count = int_between(0, 100)
     parser.add_argument("labels", metavar="LABELS", help="the OUTPUT folder or s3:// prefix of `groupemotion infer`")
     parser.add_argument("--out", required=True, metavar="DIR", help="local folder for index.html and its pictures")
-    parser.add_argument("--top", type=_count, default=4, metavar="K",
+    parser.add_argument("--top", type=count, default=4, metavar="K",
                         help="videos per class on the contact sheets (default: 4)")
-    parser.add_argument("--timelines", type=_count, default=6, metavar="N",
+    parser.add_argument("--timelines", type=count, default=6, metavar="N",
                         help="longest videos shown window by window (default: 6)")
-    parser.add_argument("--examples", type=_count, default=3, metavar="N",
+    parser.add_argument("--examples", type=count, default=3, metavar="N",
                         help="examples shown per error reason (default: 3)")
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
     if storage.is_remote(args.out):
         raise GroupEmotionError("bad_uri", f"--out {args.out}: the report is written to a local folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise GroupEmotionError("bad_out", f"--out {args.out} is a file, not a folder")
     from ray_jobs.runtime.console import Progress
 
     progress: list[Progress] = []  # started with the first rows: a refused LABELS prints only its error

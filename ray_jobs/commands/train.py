@@ -1,7 +1,8 @@
 """Fine-tune the audio-visual model end to end with Ray Train (DDP), as in the paper's section 5.
 
-Reads labelled clips (tar shards written by `groupemotion pack`, or video folders with one
-subfolder per class) from local paths or s3:// URIs, decodes them in the Ray Data decode stage,
+Reads labelled clips (tar shards written by `groupemotion pack`, video folders with one
+subfolder per class, or tables of videos with a `uri` and a `label` column: see
+`ray_jobs.inputs.tables`) from local paths or s3:// URIs, decodes them in the Ray Data decode stage,
 and trains on N Ray Train workers (one GPU each with --gpu): Adam at --lr, pretrained encoders at
 lr x 1e-2 (random ones at lr), label smoothing 0.2, bf16 autocast on GPUs. After every epoch the
 validation accuracy, macro-F1, per-class recall and confusion matrix are printed and a checkpoint
@@ -35,7 +36,8 @@ training clip (or no validation clip) could be read stops with the clips' reason
 `error: storage_unavailable: ...` (exit status 75) or `error: undecodable: ...` (2), and exports no
 model; a failure to write the checkpoints or metrics to --output stops it in one line too.
 --fail-once-at-epoch E is the switch that proves recovery: one worker exits in the middle of
-epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened).
+epoch E, once per output folder (a marker file, fault_injected.json, remembers it happened), as
+soon as Ray Train holds the checkpoint of epoch E-1, so the run resumes from that checkpoint.
 
 With RAY_ADDRESS unset a local Ray is started; under `ray job submit` use
 `python -m ray_jobs.commands.train ARGS`.
@@ -53,7 +55,8 @@ from typing import Any
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.config import PRESETS, ModelConfig, preset
 from ray_jobs.inputs import storage
-from ray_jobs.commands.args import add_stall_argument
+from ray_jobs.commands.args import add_stall_argument, add_uri_column_argument
+from ray_jobs.inputs.tables import check, is_table
 from ray_jobs.runtime.watchdog import exit_in_bounded_time
 
 RUN_CONFIG = "run_config.json"
@@ -64,9 +67,11 @@ BEST = "best"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--train", nargs="+", required=True, metavar="URI",
-                      help="training data: tar shard prefixes/manifests or video folders (local or s3://)")
+                      help="training data: tar shard prefixes/manifests, video folders, or tables "
+                           "(.parquet/.csv/.jsonl with uri and label columns) (local or s3://)")
     data.add_argument("--val", nargs="+", required=True, metavar="URI",
                       help="validation data, same forms as --train")
+    add_uri_column_argument(data)
     data.add_argument("--output", required=True, metavar="URI",
                       help="run folder (local or s3://); reusing it resumes the run")
     data.add_argument("--decode-cpus", type=float, default=1.0, metavar="N",
@@ -116,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "latest (default: %(default)s)")
     faults.add_argument("--fail-once-at-epoch", type=int, metavar="E",
                         help="testing switch: the last worker exits in the middle of epoch E, once "
-                             "per output folder, to exercise recovery")
+                             "per output folder, once the checkpoint of epoch E-1 is saved: the run "
+                             "must resume from it")
     add_stall_argument(faults)
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's, Ray Data's and Ray Train's own output on the console "
@@ -170,6 +176,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise GroupEmotionError("bad_argument", "--lr and --decode-cpus must be positive")
     if args.max_failures < -1:
         raise GroupEmotionError("bad_argument", "--max-failures must be -1 (unlimited) or more")
+    if args.cache and any(is_table(uri) for uri in [*args.train, *args.val]):
+        raise GroupEmotionError("bad_argument", "--cache reads shards and video folders; read a table without it")
+    check([*args.train, *args.val], args.uri_column, labelled=True)
 
 
 def _model_config(args: argparse.Namespace):
@@ -273,7 +282,8 @@ def _datasets(args: argparse.Namespace, cfg) -> dict[str, Any]:
     spec = cfg.decode_spec()
     splits = (("train", args.train), ("val", args.val))
     if not args.cache:
-        return {split: decode_dataset(read_sources(uris), spec, FIRST_WINDOW, num_cpus=args.decode_cpus)
+        return {split: decode_dataset(read_sources(uris, uri_column=args.uri_column), spec, FIRST_WINDOW,
+                                      num_cpus=args.decode_cpus)
                 for split, uris in splits}
     from ray_jobs.train.clip_cache import ClipCache
 
@@ -325,6 +335,7 @@ def _trainer(args: argparse.Namespace, run_config: dict[str, Any], datasets: dic
         "pretrained_vision": pinned_source(run_config["pretrained"]["vision"]),
         "pretrained_audio": pinned_source(run_config["pretrained"]["audio"]),
         "output": args.output,
+        "checkpoints": storage.join(args.output, CHECKPOINTS),
         "fail_once_at_epoch": args.fail_once_at_epoch,
         "console": console,
         "pulse": pulse,

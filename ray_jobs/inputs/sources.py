@@ -10,9 +10,19 @@ Two layouts, told apart by file extension:
   its label comes from a labels CSV (see `read_labels_csv`) or, without one, from a
   class-named parent folder (`Negative/`, `Neutral/`, `Positive/`).
 
+- tables (`.parquet`, `.csv`, `.jsonl`: `ray_jobs.inputs.tables`): one row per plain video object,
+  named by its `uri` column, labelled by its `label` column. A read task streams one table (or
+  the row groups asked for) and gives rows without their bytes: fetching them is a stage of its
+  own (`fetch_stage`), so that a table of millions of rows is planned as one task and read at the
+  speed the fetchers and decoders take it. The key of a row is `tables.row_key`. The tables are
+  read by this Datasource with pyarrow's streaming readers rather than by Ray Data's
+  `read_parquet`/`read_csv`/`read_json`, because a row must keep its position in its table (the
+  inference job's units are runs of consecutive rows, and a rerun reads only the row groups of
+  the units still to do), which those readers do not give.
+
 Each input URI may be a folder or prefix, a glob, one object, or a `manifest.json` written by
 pack. One custom `ray.data.Datasource` plans the reads: one read task per shard, one per small
-group of plain objects. It is a Datasource of its own rather than `read_binary_files` because
+group of plain objects, one per table. It is a Datasource of its own rather than `read_binary_files` because
 the size limit must be checked before an object is read, each object's label must travel with
 its own read task (not a whole-dataset dict shipped to every worker), and both layouts must give
 the same schema. A read task hands over its rows a few videos at a time (`_BLOCK_VIDEOS`), so
@@ -59,7 +69,7 @@ from ray.data.datasource import Datasource, ReadTask
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.media.decode import VIDEO_EXTENSIONS, DecodeSpec
 from groupemotion_core.schema import CLASSES, SourceRow, parse_label
-from ray_jobs.inputs import storage
+from ray_jobs.inputs import storage, tables
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,17 @@ _BYTES_PER_TASK = 256 << 20
 # a block keep the number of Ray Data tasks per second low on a large cluster.
 _BLOCK_VIDEOS = 4
 _BLOCK_BYTES = 64 << 20
+# A table's read task hands over this many rows (no bytes yet) a block; each is one fetch task.
+_TABLE_BLOCK_ROWS = 64
+_FETCH_THREADS = 4
+
+
+@dataclass(frozen=True)
+class TableRead:
+    """One table to read: all of it, or only some of its Parquet row groups."""
+
+    uri: str
+    row_groups: tuple[int, ...] | None = None
 
 
 def read_sources(
@@ -90,8 +111,13 @@ def read_sources(
     num_cpus: float | None = None,
     concurrency: int | None = None,
     blocks: int | None = None,
+    table_reads: list[TableRead] = (),
+    uri_column: str = tables.URI_COLUMN,
+    fetch: bool = True,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of SourceRows (plus `error` and `shard_end`) for every clip under `uris`.
+    """A Ray Dataset of SourceRows (plus `error` and `shard_end`) for every clip under `uris`
+    and in `table_reads` (tables in `uris` are read whole; table i of the key is the i-th of
+    `table_reads` and then of those).
 
     The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks, each
     holding `num_cpus` (Ray's default: 1), at most `concurrency` at once (default: as resources
@@ -99,13 +125,44 @@ def read_sources(
     Data's choice, at least 200). `labels_csv` labels plain video objects (one it does not name
     has no label); shards carry their own labels. Objects and members over `max_video_bytes` are
     not read (an error row). `shard_ends` ends each shard with its marker row (module docstring).
+    Without `fetch` the table rows come without their bytes: the caller adds `fetch_stage`.
     """
-    inputs = _expand(uris)
+    inputs = _expand(uris) if uris or not table_reads else []
+    reads = [*table_reads, *(TableRead(uri) for uri, _ in inputs if layout(uri) == "table")]
     labels = read_labels_csv(labels_csv) if labels_csv else None
-    return ray.data.read_datasource(
-        _SourceDatasource(inputs, labels, max_video_bytes, shard_ends), num_cpus=num_cpus, concurrency=concurrency,
-        override_num_blocks=blocks,
-    )
+    source = _SourceDatasource(inputs, labels, max_video_bytes, shard_ends, reads, uri_column)
+    ds = ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=blocks)
+    if not (fetch and reads):
+        return ds
+    return fetch_stage(ds, max_video_bytes, num_cpus=num_cpus, concurrency=concurrency)
+
+
+def fetch_stage(ds: ray.data.Dataset, max_video_bytes: int = DecodeSpec().max_input_bytes, *,
+                num_cpus: float | None = None, concurrency: int | None = None) -> ray.data.Dataset:
+    """The table rows of `ds` with their video bytes (or the error reading them: missing, too
+    large, the store failing after its retries); every other row as it was. Each task takes one
+    read block and hands it on _BLOCK_VIDEOS videos at a time, reading a few objects at once."""
+    return ds.map_batches(_fetch, fn_args=(max_video_bytes,), batch_size=None, batch_format="pyarrow",
+                          num_cpus=num_cpus, concurrency=concurrency)
+
+
+def _fetch(batch: pa.Table, max_video_bytes: int) -> Iterator[pa.Table]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(row: dict) -> dict:
+        located = tables.row_of(row[SourceRow.KEY])
+        if located is None or row[SourceRow.VIDEO] is not None or row[SourceRow.ERROR] is not None:
+            return row
+        try:
+            return {**row, SourceRow.VIDEO: storage.read_bytes(located[0], max_bytes=max_video_bytes)}
+        except GroupEmotionError as e:  # missing, too large, or the store failed (StorageError)
+            return {**row, SourceRow.ERROR: str(e)}
+
+    rows = batch.to_pylist()
+    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        for start in range(0, len(rows), _BLOCK_VIDEOS):
+            yield pa.Table.from_pylist(list(pool.map(read, rows[start : start + _BLOCK_VIDEOS])),
+                                       schema=SourceRow.SCHEMA)
 
 
 def list_inputs(uris: list[str] | str) -> list[str]:
@@ -160,11 +217,18 @@ def read_videos(keys: list[str], max_video_bytes: int = DecodeSpec().max_input_b
 
 
 def layout(uri: str) -> str | None:
-    """"tar", "video" or None (not an input) from a URI's extension."""
+    """"tar", "video", "table" or None (not an input) from a URI's extension."""
     ext = posixpath.splitext(uri)[1].lower().lstrip(".")
     if ext == "tar":
         return "tar"
+    if tables.is_table(uri):
+        return "table"
     return "video" if ext in VIDEO_EXTENSIONS else None
+
+
+def shards_of_manifest(uri: str) -> list[str]:
+    """The shard URIs a `manifest.json` written by pack lists."""
+    return [shard for shard, _ in _from_manifest(uri)]
 
 
 def read_labels_csv(uri: str) -> dict[str, str]:
@@ -246,10 +310,10 @@ def _expand_one(uri: str) -> list[tuple[str, int]]:
     found = storage.find(uri)
     inputs = [(u, size) for u, size in found if layout(u)]
     if len(found) == 1 and not inputs:
-        raise GroupEmotionError("bad_input", f"{uri} is neither a .tar shard nor a video")
+        raise GroupEmotionError("bad_input", f"{uri} is neither a .tar shard, a video nor a table")
     if not inputs:
         raise GroupEmotionError(
-            "not_found", f"no .tar shards or videos ({', '.join(VIDEO_EXTENSIONS)}) at {uri}"
+            "not_found", f"no .tar shards, videos ({', '.join(VIDEO_EXTENSIONS)}) or tables at {uri}"
         )
     return inputs
 
@@ -279,9 +343,11 @@ class _SourceDatasource(Datasource):
     """Plans one read task per shard and one per group of plain objects (see module docstring)."""
 
     def __init__(
-        self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int, shard_ends: bool
+        self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int, shard_ends: bool,
+        table_reads: list[TableRead], uri_column: str,
     ):
         self._shard_ends = shard_ends
+        self._tables, self._uri_column = table_reads, uri_column
         self._shards = [(u, s) for u, s in inputs if layout(u) == "tar"]
         self._videos = [
             _Video(u, s, _canonical(_plain_label(u, labels))) for u, s in inputs if layout(u) == "video"
@@ -292,13 +358,15 @@ class _SourceDatasource(Datasource):
         return "GroupEmotionSources"
 
     def estimate_inmemory_data_size(self) -> int:
+        """What the shards and objects hold; a table's videos are not known until fetched."""
         return sum(s for _, s in self._shards) + sum(v.size for v in self._videos)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        """Shard tasks first, in input order, then the object groups."""
+        """Shard tasks first, in input order, then the object groups, then the tables."""
         limit = self._max_video_bytes
         tasks = [_shard_task(uri, size, limit, self._shard_ends) for uri, size in self._shards]
         tasks += [_video_task(group, limit) for group in _groups(self._videos, parallelism)]
+        tasks += [_table_task(i, read, self._uri_column) for i, read in enumerate(self._tables)]
         return tasks
 
 
@@ -342,6 +410,33 @@ def _shard_task(uri: str, size: int, max_video_bytes: int, shard_end: bool) -> R
 def _video_task(group: list[_Video], max_video_bytes: int) -> ReadTask:
     meta = _metadata(len(group), sum(v.size for v in group), [v.uri for v in group])
     return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes)), meta, SourceRow.SCHEMA)
+
+
+def _table_task(index: int, read: TableRead, uri_column: str) -> ReadTask:
+    def blocks() -> Iterator[pa.Table]:
+        batch: list[dict] = []
+        for row in _table_rows(index, read, uri_column):
+            batch.append(row)
+            if len(batch) >= _TABLE_BLOCK_ROWS:
+                yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
+                batch = []
+        if batch:
+            yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
+
+    return ReadTask(blocks, _metadata(None, 0, [read.uri]), SourceRow.SCHEMA)
+
+
+def _table_rows(index: int, read: TableRead, uri_column: str) -> Iterator[dict]:
+    """One table's rows as SourceRows without bytes; a row's own mistake is its error."""
+    groups = None if read.row_groups is None else list(read.row_groups)
+    columns = [uri_column, tables.LABEL_COLUMN]
+    for first, batch in tables.batches(read.uri, uri_column, (tables.LABEL_COLUMN,), columns, groups):
+        values = batch.column(uri_column).to_pylist()
+        labels = batch.column(tables.LABEL_COLUMN).to_pylist() if tables.LABEL_COLUMN in batch.schema.names else None
+        for offset, value in enumerate(values):
+            uri, error = tables.resolve(value, read.uri)
+            key = tables.row_key(uri or value or "", index, first + offset)
+            yield _row(key, None, _canonical(labels[offset] if labels else None), error)
 
 
 def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:

@@ -7,14 +7,14 @@ decoder, window plan and video-level averaging included.
 How the cluster is used (`PredictOptions.resolved`). Decoding is the bottleneck of the job (a
 GPU labels windows far faster than a CPU decodes them), so every CPU that nothing else needs
 decodes, from the first second: the model actors (one per GPU, or one CPU actor without GPUs)
-hold one CPU each, the read tasks share a small reserve (a quarter CPU each, one CPU in sixteen,
-at least one: what the fixed pools leave), and the decode pool is a fixed-size pool of one-CPU
-actors on all the rest (a fixed pool starts every actor at once; an autoscaling one ramps up
-over minutes). The flags `--decode-cpus`, `--actors`, `--gpus-per-actor` and `--batch-size`
-override the sizes. A decode task is one read block of about VIDEOS_PER_DECODE_TASK videos, the
-read's block count set from the inputs' video count (manifests, or one per plain object): a
-second or so of decoding, long enough for Ray Data's cost per task (tens of CPU-milliseconds over
-driver, actor and raylet) to stay small, short enough for the last tasks to spread over the pool.
+hold one CPU each, the read tasks share a small reserve, and the decode pool is a fixed-size
+pool of one-CPU actors on all the rest, sized from the nodes that are alive when the job starts
+(`ray_jobs.runtime.pools`, which the clip cache's fill uses too). The flags `--decode-cpus`,
+`--actors`, `--gpus-per-actor` and `--batch-size` override the sizes. A decode task is one read
+block of about VIDEOS_PER_DECODE_TASK videos, the read's block count set from the inputs' video
+count (manifests, or one per plain object): a second or so of decoding, long enough for Ray
+Data's cost per task (tens of CPU-milliseconds over driver, actor and raylet) to stay small, short
+enough for the last tasks to spread over the pool.
 Left to itself Ray Data splits a small job's shards into blocks of one video (its 200-block
 default) and leaves a large job's in blocks of up to 128 MiB. Ray Data keeps a second task queued
 at each actor, so a decode actor never waits for work while there is any; the model actors take
@@ -38,11 +38,8 @@ import numpy as np
 from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, ClipRow, WindowRow
 from groupemotion_core.videos import TRUTH
+from ray_jobs.runtime import pools
 
-# Read tasks move bytes; they hold this share of a CPU each, within a reserve of CPUs for reading.
-READ_TASK_CPUS = 0.25
-CPUS_PER_READ_CPU = 16
-MODEL_ACTOR_CPUS = 1
 # One read task at a time feeds this many decode actors: it streams a shard at the store's speed,
 # far faster than they decode it, and every task more at once can cost a worker process more.
 DECODERS_PER_READ_TASK = 4
@@ -55,24 +52,19 @@ BLOCKS_PER_DECODER = 8
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How the prediction stages use the cluster. None means: size from the cluster's resources."""
+    """How the prediction stages use the cluster. None means: size from the live nodes."""
 
     batch_size: int = 16
     actors: int | None = None  # model actors; default one per GPU share, or 1 without GPUs
     gpus_per_actor: float | None = None  # default 1 when the cluster has GPUs, else 0 (CPU actors)
     decode_cpus: int | None = None  # one-CPU decode actors; default every CPU not held by the rest
 
-    def resolved(self) -> "PredictOptions":
-        """Every None filled in from `ray.cluster_resources()` (module docstring)."""
-        import ray
-
-        resources = ray.cluster_resources()
-        cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
-        per_actor = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        actors = self.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
-        read_cpus = max(1, cpus // CPUS_PER_READ_CPU)
-        decode = self.decode_cpus or max(1, cpus - actors * MODEL_ACTOR_CPUS - read_cpus)
-        return PredictOptions(self.batch_size, actors, per_actor, decode)
+    def resolved(self, capacity: pools.Capacity | None = None) -> "PredictOptions":
+        """Every None filled in by `pools.size_pools` from `capacity` (default: `pools.live_capacity()`)."""
+        sizes = pools.size_pools(capacity or pools.live_capacity(), small_stages=1, model_actors=self.actors,
+                                 gpus_per_model_actor=self.gpus_per_actor)
+        return PredictOptions(self.batch_size, sizes.model_actors, sizes.gpus_per_model_actor,
+                              self.decode_cpus or sizes.decoders)
 
 
 class Predictor:
@@ -112,21 +104,25 @@ def predict(
     *,
     labels_csv: str | None = None,
     shard_ends: bool = False,
+    table_reads=(),
+    uri_column: str | None = None,
+    videos: int | None = None,
 ):
     """Inputs -> a lazy Dataset of window prediction rows: the ClipRow key, window, windows,
     start_s and end_s, WindowRow's label, prob_* (NaN on error) and error, and TRUTH.
 
     `options` must be resolved (PredictOptions.resolved). Rows come in no particular order;
     `groupemotion_core.videos.VideoCollector` tells when a video's rows are all in. With `shard_ends`, each shard's
-    marker row (window = ClipRow.SHARD_END) comes through too.
+    marker row (window = ClipRow.SHARD_END) comes through too. `table_reads` and `uri_column`
+    are `sources.read_sources`'; `videos` counts the inputs' videos when the caller knows.
     """
     import ray.data
 
     from ray_jobs.decode.stage import decode_dataset
 
-    videos = video_count(uris)
-    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends)
-    bound_object_store(sources, options, videos)
+    videos = video_count(uris) if videos is None and not table_reads else videos
+    sources = read_stage(uris, options, videos, labels_csv=labels_csv, shard_ends=shard_ends,
+                         table_reads=table_reads, uri_column=uri_column)
     clips = decode_dataset(sources, spec, plan, num_cpus=1, actors=options.decode_cpus)
     gpus = options.gpus_per_actor or 0
     return clips.map_batches(
@@ -135,7 +131,7 @@ def predict(
         batch_size=options.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=MODEL_ACTOR_CPUS,
+        num_cpus=pools.MODEL_ACTOR_CPUS,
         num_gpus=gpus or None,
         udf_modifying_row_count=False,
     )
@@ -158,15 +154,25 @@ def log_stats(predictions) -> None:
 
 
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
-               shard_ends: bool = False):
+               shard_ends: bool = False, table_reads=(), uri_column: str | None = None):
     """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
     VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
-    task at a time per DECODERS_PER_READ_TASK decode actors, each in the CPUs the fixed pools leave."""
-    from ray_jobs.inputs.sources import read_sources
+    task (and one fetch task for a table's rows) at a time per DECODERS_PER_READ_TASK decode
+    actors, each in the CPUs the fixed pools leave, the whole held to `bound_object_store`."""
+    from ray_jobs.inputs.sources import fetch_stage, layout, read_sources
+    from ray_jobs.inputs.tables import URI_COLUMN
 
-    return read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=READ_TASK_CPUS,
-                        concurrency=max(1, options.decode_cpus // DECODERS_PER_READ_TASK),
-                        blocks=None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK)))
+    concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
+    if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
+        blocks = len(uris) + len(table_reads)
+    else:
+        blocks = None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK))
+    sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency,
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
+    bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
+    if not table_reads and not any(layout(uri) == "table" for uri in uris):
+        return sources
+    return fetch_stage(sources, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency)
 
 
 def bound_object_store(sources, options: PredictOptions, videos: int | None) -> None:
@@ -187,9 +193,12 @@ def bound_object_store(sources, options: PredictOptions, videos: int | None) -> 
 
 
 def video_count(uris: list[str]) -> int | None:
-    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest."""
+    """How many videos `uris` (listed inputs) hold, when every shard's count is in a manifest
+    and no table is among them."""
     from ray_jobs.inputs.sources import layout, shard_videos
 
+    if any(layout(uri) == "table" for uri in uris):
+        return None
     shards = [uri for uri in uris if layout(uri) == "tar"]
     counts = shard_videos(shards)
     return None if len(counts) < len(shards) else len(uris) - len(shards) + sum(counts.values())

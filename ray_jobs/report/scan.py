@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from groupemotion_core.errors import GroupEmotionError
+from groupemotion_core.errors import GroupEmotionError, error_reason
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS, VideoRow, WindowRow
 from ray_jobs.inputs import storage
-from groupemotion_core.errors import error_reason
 from ray_jobs.sinks import labels
 
 BINS = 20
@@ -37,6 +36,9 @@ BATCH_ROWS = 65536
 # enough that memory stays a few batches.
 FILES_AHEAD = 8
 BATCHES_AHEAD = 2
+# A dataset keeps each file's Parquet footer once it has read it (tens of KiB): one dataset per
+# this many files, so that memory does not grow with the number of files.
+FILES_PER_DATASET = 64
 
 VIDEO_COLUMNS = [VideoRow.KEY, VideoRow.LABEL, *PROB_COLUMNS, VideoRow.WINDOWS, VideoRow.SECONDS, VideoRow.ERROR]
 WINDOW_COLUMNS = [WindowRow.KEY, WindowRow.WINDOW, WindowRow.START_S, WindowRow.END_S, WindowRow.LABEL,
@@ -46,7 +48,7 @@ WINDOW_COLUMNS = [WindowRow.KEY, WindowRow.WINDOW, WindowRow.START_S, WindowRow.
 class TopK:
     """The k highest-scoring keys of a stream, ties broken by key, so that the answer does not
     depend on the order the files are read in. It holds k entries however long the stream is;
-    a batch offers only its rows at or above its own k-th score."""
+    a batch offers only its own top k."""
 
     def __init__(self, k: int):
         self.k = k
@@ -58,7 +60,10 @@ class TopK:
             return
         if candidates.size > self.k:
             floor = np.partition(scores[candidates], candidates.size - self.k)[candidates.size - self.k]
-            candidates = candidates[scores[candidates] >= floor]
+            above = candidates[scores[candidates] > floor]
+            tied = candidates[scores[candidates] == floor]  # many, where scores repeat (5 s, 10 s, ...)
+            first = pc.sort_indices(keys.take(pa.array(tied))).to_numpy()[: self.k - above.size]
+            candidates = np.concatenate([above, tied[first]])
         offered = zip(scores[candidates].tolist(), keys.take(pa.array(candidates)).to_pylist())
         self.items = sorted([*self.items, *offered], key=lambda item: (-item[0], item[1]))[: self.k]
 
@@ -168,15 +173,34 @@ def _batches(output: str, folder: str, columns: list[str], batch_rows: int) -> I
     where = storage.join(output, folder)
     try:
         with storage.classified(where):
-            dataset = pads.dataset([storage.filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
-            missing = [c for c in columns if c not in dataset.schema.names]
-            if missing:
-                raise GroupEmotionError("not_labels", f"{where} is not a labels dataset of `groupemotion infer`: "
-                                        f"it has no column {', '.join(missing)}")
-            yield from dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=BATCHES_AHEAD,
-                                          fragment_readahead=FILES_AHEAD)
+            for first in range(0, len(files), FILES_PER_DATASET):
+                group = [storage.filesystem(f)[1] for f in files[first : first + FILES_PER_DATASET]]
+                dataset = pads.dataset(group, format="parquet", filesystem=fs)
+                missing = [c for c in columns if c not in dataset.schema.names]
+                if missing:
+                    raise GroupEmotionError("not_labels", f"{where} is not a labels dataset of `groupemotion "
+                                            f"infer`: it has no column {', '.join(missing)}")
+                yield from _coalesced(dataset.to_batches(columns=columns, batch_size=batch_rows,
+                                                         batch_readahead=BATCHES_AHEAD,
+                                                         fragment_readahead=FILES_AHEAD), batch_rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise GroupEmotionError("bad_output", f"{where}: a part file cannot be read as labels: {e}") from None
+
+
+def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Batches of about `rows` rows. A part file holds one unit (a shard, or 256 objects), so the
+    scanner's batches are that small, and the dozen Arrow and NumPy calls of a fold cost more per
+    file than the rows do: joined, they are paid once per `rows` rows."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.concat_batches(held)
+            held, count = [], 0
+    if held:
+        yield pa.concat_batches(held)
 
 
 def _fold_videos(result: Scan, batch: pa.RecordBatch, confident: dict[str, TopK], longest: TopK,

@@ -6,10 +6,24 @@ stream of no order, how a unit a store failure touched is left for a rerun
 `ray_jobs.sinks.units`, which the clip cache shares; the driver holds the rows of the units in
 flight only.
 
-A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is written in one
-atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
+The unit of work is an input unit: one tar shard, or one row group of the job's saved listing
+(`ray_jobs.inputs.listing`: consecutive rows of one table, or of the listed plain objects). A unit
+is complete when its known number of videos is complete, and a video when all its windows have a
+row (or its one whole-video error row has come). A row group knows its size from the listing; a
+shard's size is known to its reader only, which ends the shard with a marker row that counts its
+videos (`ray_jobs.inputs.sources`, `shard_ends`). So the stream needs no order: one slow video
+holds back only its own unit, and the driver holds the rows of the units in flight (and one small
+`Unit` per unit of the job: a row group is 256 videos).
+
+A table unit's videos/ rows come in the order of its rows, keyed by the row's URI, with the
+row's carried columns (read back from the listing's row group when the unit commits, so they
+never travel through the decoders) after the VideoRow columns, unchanged.
+
+The stream is placed, and each unit committed once, by `ray_jobs.sinks.units` (which the clip
+cache shares). A unit's files are named from its input URIs (`part-<16 hex>.parquet`) and each is
+written in one atomic step (a single S3 PUT, or a rename on a local disk): first `windows/`, then `videos/`. The
 `videos/` file marks the unit done; its Parquet metadata lists the unit's inputs under
-`groupemotion.inputs`, and a job starts by reading those lists to plan only what no unit holds
+`groupemotion.inputs` (the shard, or `_inputs/<part>#<row group>`), and a job starts by reading those lists to plan only what no unit holds
 yet. A `windows/` file without its `videos/` file (a job killed between the two) is deleted at
 the start, and the unit labelled again.
 """
@@ -19,6 +33,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -30,10 +45,10 @@ import pyarrow.parquet as pq
 from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow, VideoRow, WindowRow
 from groupemotion_core.videos import error_counts, video_row
-from ray_jobs.inputs import storage
+from ray_jobs.inputs import storage, tables
+from ray_jobs.inputs.listing import INPUTS_DIR, Listing
 from ray_jobs.sinks import units as unit_commits
 
-OBJECTS_PER_UNIT = 256
 WINDOWS_DIR = "windows"
 VIDEOS_DIR = "videos"
 JOB_FILE = "_job.json"  # the resolved run: model, inputs, window plan, options (`groupemotion infer`)
@@ -45,10 +60,12 @@ EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_INFER_EXIT_AFTER_UNITS"
 
 @dataclass
 class Unit:
-    """One unit of work: a tar shard, or a group of plain video objects."""
+    """One unit of work: a tar shard, or one row group of a part of the listing."""
 
     inputs: tuple[str, ...]
-    videos: int | None  # None for a shard: its reader's count comes in the stream
+    videos: int | None  # None for a shard until its reader's count arrives
+    part: str | None = None  # a row group's: the part's URI
+    group: int = 0
 
     @property
     def name(self) -> str:
@@ -59,9 +76,21 @@ class Unit:
         return unit_commits.describe(self.inputs)
 
 
-def plan_units(inputs: list[str]) -> list[Unit]:
-    """Input URIs -> units: one per shard, and groups of consecutive plain objects."""
-    return [Unit(uris, None if shard else len(uris)) for uris, shard in unit_commits.plan(inputs, OBJECTS_PER_UNIT)]
+def plan_units(listing: Listing, output: str) -> list[Unit]:
+    """A saved listing -> units: one per shard, and one per row group of each part."""
+    units = [Unit((uri,), None) for uri in listing.shards]
+    for i, part in enumerate(listing.parts):
+        uri, last = listing.part_uri(output, i), listing.groups(i) - 1
+        for g in range(last + 1):
+            rows = part["rows"] - last * listing.unit_rows if g == last else listing.unit_rows
+            units.append(Unit((f"{_part_name(part['name'])}#{g}",), rows, uri, g))
+    return units
+
+
+def _part_name(name: str) -> str:
+    """How a unit's input names its part: relative to the output, so that the same output named
+    another way (a relative path) finds its committed units."""
+    return f"{INPUTS_DIR}/{name}"
 
 
 @dataclass
@@ -145,10 +174,16 @@ class LabelWriter:
 
     def __init__(self, units: list[Unit], output: str, model_id: str, summary: Summary,
                  on_video: Callable[[list[dict]], None] = lambda rows: None,
-                 on_commit: Callable[[str], None] = lambda line: None):
+                 on_commit: Callable[[str], None] = lambda line: None, *,
+                 parts: list[str] = (), unit_rows: int = 0):
+        """`parts[i]` is the part URI of the stream keys' table i (`sources.read_sources`' order),
+        `unit_rows` the listing's rows per row group."""
         self.units, self.output, self.model_id, self.summary = units, output, model_id, summary
         self.on_video, self.on_commit = on_video, on_commit
-        self.stream = unit_commits.UnitStream(((u.inputs, u.videos) for u in units), EXIT_AFTER_UNITS_ENV)
+        self.unit_rows = unit_rows
+        self.stream = unit_commits.UnitStream(((u.inputs, u.videos) for u in units), EXIT_AFTER_UNITS_ENV,
+                                              tables=[_part_name(posixpath.basename(p)) for p in parts],
+                                              rows_per_unit=unit_rows)
         self.in_flight: dict[int, _InFlight] = collections.defaultdict(_InFlight)
 
     def add(self, batch: pa.Table) -> None:
@@ -175,8 +210,11 @@ class LabelWriter:
             self.on_commit(f"left for a rerun: {unit.describe()}: {failed}")
             return
         metadata = {INPUTS_METADATA_KEY: json.dumps(list(unit.inputs))}
-        windows = window_table(rows.windows, self.model_id).replace_schema_metadata(metadata)
-        videos = video_table(rows.videos, self.model_id).replace_schema_metadata(metadata)
+        if unit.part is None:
+            windows, videos = window_table(rows.windows, self.model_id), video_table(rows.videos, self.model_id)
+        else:
+            windows, videos = self._table_unit(unit, rows)
+        windows, videos = windows.replace_schema_metadata(metadata), videos.replace_schema_metadata(metadata)
         unit_commits.write_parquet(storage.join(self.output, WINDOWS_DIR, unit.name), windows)
         unit_commits.write_parquet(storage.join(self.output, VIDEOS_DIR, unit.name), videos)
 
@@ -198,6 +236,27 @@ class LabelWriter:
             f"[{s.units_committed}/{s.units - s.units_skipped}]"
         )
         self.stream.committed()
+
+
+    def _table_unit(self, unit: Unit, rows: _InFlight) -> tuple[pa.Table, pa.Table]:
+        """A row group's tables: rows in the listing's order, keyed by its URIs, its carried
+        columns after the VideoRow columns."""
+        with storage.open_read(unit.part) as f:
+            listed = pq.ParquetFile(f).read_row_group(unit.group)
+        first = unit.group * self.unit_rows
+        uris = listed.column(tables.URI_COLUMN).to_pylist()
+
+        def listed_row(row: dict) -> dict:
+            offset = tables.row_of(row[VideoRow.KEY])[2] - first
+            return {**row, VideoRow.KEY: uris[offset], "_row": offset}
+
+        videos = sorted(map(listed_row, rows.videos), key=lambda r: r["_row"])
+        table = _table(videos, VideoRow.SCHEMA, self.model_id)
+        for name in listed.schema.names:
+            if name != tables.URI_COLUMN:
+                table = table.append_column(listed.schema.field(name), listed.column(name))
+        windows = sorted(map(listed_row, rows.windows), key=lambda r: (r["_row"], r[WindowRow.WINDOW]))
+        return _table(windows, WindowRow.SCHEMA, self.model_id), table
 
 
 def window_table(rows: list[dict], model_id: str) -> pa.Table:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from groupemotion_core.schema import ClipRow
 from groupemotion_core.videos import VideoCollector
 from ray_jobs.inputs import storage
+from ray_jobs.inputs.tables import row_of
 
 
 def plan(uris: list[str], objects_per_unit: int) -> list[tuple[tuple[str, ...], bool]]:
@@ -58,16 +59,20 @@ class UnitStream:
     """Rows in any order -> whole units, each closed once (module docstring).
 
     `units` gives each unit's input URIs and its video count (None for a shard: its end marker
-    brings the count). `exit_after_env` names the fault-injection variable of the writer.
+    brings the count). `exit_after_env` names the fault-injection variable of the writer. A
+    table row's key (`ray_jobs.inputs.tables.row_key`) names its table by number: its unit's
+    input is `f"{tables[number]}#{row // rows_per_unit}"`.
     """
 
-    def __init__(self, units: Iterable[tuple[Sequence[str], int | None]], exit_after_env: str):
+    def __init__(self, units: Iterable[tuple[Sequence[str], int | None]], exit_after_env: str, *,
+                 tables: Sequence[str] = (), rows_per_unit: int = 0):
         self.uris: list[tuple[str, ...]] = []
         self.videos: list[int | None] = []  # per unit; a shard's arrives with its end marker
         for uris, videos in units:
             self.uris.append(tuple(uris))
             self.videos.append(videos)
         self._unit_of = {uri: i for i, uris in enumerate(self.uris) for uri in uris}
+        self._tables, self._rows_per_unit = list(tables), rows_per_unit
         self._complete: collections.Counter = collections.Counter()  # complete videos per open unit
         self._collector = VideoCollector()
         self._closed: set[int] = set()
@@ -122,6 +127,9 @@ class UnitStream:
         return describe(self.uris[index])
 
     def _index(self, key: str) -> int:
+        located = row_of(key)
+        if located is not None:  # a table's row
+            return self._unit_of[f"{self._tables[located[1]]}#{located[2] // self._rows_per_unit}"]
         if key in self._unit_of:  # a plain object, or a shard's own row (its error or its end)
             return self._unit_of[key]
         cut = len(key)

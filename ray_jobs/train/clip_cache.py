@@ -65,6 +65,7 @@ from groupemotion_core.errors import GroupEmotionError, split_error
 from groupemotion_core.media.spec import DecodeSpec, WindowPlan
 from groupemotion_core.schema import ClipRow
 from ray_jobs.inputs import storage
+from ray_jobs.runtime import pools
 from ray_jobs.sinks import units as unit_commits
 from ray_jobs.runtime.watchdog import DEFAULT_STALL_TIMEOUT_S, watched
 
@@ -78,11 +79,6 @@ UNIT_PREFIX = "unit-"
 INFO_FILE = "cache.json"
 METADATA_KEY = b"groupemotion.clip_cache"
 EXIT_AFTER_UNITS_ENV = "GROUPEMOTION_CACHE_EXIT_AFTER_UNITS"
-# Read tasks move bytes and the encode step costs a few ms a clip against 100+ ms of decoding:
-# both hold a quarter CPU each, within a reserve (one CPU in sixteen, at least one, for each);
-# the decode actors get every other CPU, all from the start.
-_SMALL_TASK_CPUS = 0.25
-_CPUS_PER_RESERVED_CPU = 16
 _ROWS_PER_GROUP = 64  # rows of a cache file read (and restored) at once
 
 
@@ -178,14 +174,16 @@ class ClipCache:
             if not storage.exists(info):
                 storage.write_bytes_atomic(info, json.dumps(self.info, indent=2, sort_keys=True).encode())
             uris = [uri for unit in todo for uri, _, _ in unit.inputs]
-            reserve, actors = _pool_sizes(decode_cpus)
-            sources = read_sources(uris, shard_ends=True, num_cpus=_SMALL_TASK_CPUS,
-                                   concurrency=min(len(todo), int(reserve / _SMALL_TASK_CPUS)))
-            decoded = decode_dataset(sources, self.spec, self.plan, num_cpus=decode_cpus, actors=actors,
+            # Read tasks move bytes and the encode step costs a few ms a clip against 100+ ms of
+            # decoding: two small-task stages, the decode actors on every other live CPU.
+            sizes = pools.size_pools(pools.live_capacity(), small_stages=2, decode_cpus=decode_cpus)
+            sources = read_sources(uris, shard_ends=True, num_cpus=pools.SMALL_TASK_CPUS,
+                                   concurrency=min(len(todo), sizes.small_tasks))
+            decoded = decode_dataset(sources, self.spec, self.plan, num_cpus=decode_cpus, actors=sizes.decoders,
                                      fault_inject=self.faults)
             encoded = decoded.map_batches(_encode_rows, fn_args=(self.spec,), batch_format="pyarrow",
-                                          batch_size=None, num_cpus=_SMALL_TASK_CPUS,
-                                          compute=ray.data.TaskPoolStrategy(size=int(reserve / _SMALL_TASK_CPUS)))
+                                          batch_size=None, num_cpus=pools.SMALL_TASK_CPUS,
+                                          compute=ray.data.TaskPoolStrategy(size=sizes.small_tasks))
             progress = Progress(title, len(todo), "units") if title else None
             writer = _UnitWriter(self, todo, stats, progress)
             batches = encoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
@@ -214,13 +212,6 @@ class ClipCache:
         uris = [{"uri": storage.join(self.root, unit.name)} for unit in units]
         return ray.data.from_items(uris, override_num_blocks=len(uris)).map_batches(
             _load_units, fn_args=(self.spec,), batch_size=1, batch_format="pyarrow")
-
-
-def _pool_sizes(decode_cpus: float) -> tuple[int, int]:
-    """(CPUs reserved for the read tasks and for the encode tasks, each; decode actors)."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    reserve = max(1, cpus // _CPUS_PER_RESERVED_CPU)
-    return reserve, max(1, int((cpus - 2 * reserve) // decode_cpus))
 
 
 def _version_info(spec: DecodeSpec, plan: WindowPlan, faults: str) -> dict:

@@ -330,15 +330,35 @@ def _with_last(items):
 
 
 def _maybe_inject_fault(run: _Run, epoch: int, micro: int) -> None:
-    """The documented fault switch: the last rank exits after its first batch of the epoch, once."""
+    """The documented fault switch: the last rank exits after its first batch of the epoch, once.
+
+    In an epoch after the first it waits until Ray Train has written down the checkpoint of the
+    epoch before (its checkpoint manager's snapshot names it), so the run must resume from that
+    checkpoint: exiting at once could beat the controller to the report, and the run would
+    start again from nothing, which proves less. The other ranks wait in their next all-reduce.
+    """
     if run.config.get("fail_once_at_epoch") != epoch or micro != 1 or run.rank != run.world_size - 1:
         return
     marker = storage.join(run.config["output"], FAULT_MARKER)
     if storage.exists(marker):
         return
+    if epoch > 1:
+        _wait_for_checkpoint(run.config["checkpoints"], epoch - 1)
     storage.write_bytes_atomic(marker, json.dumps({"epoch": epoch, "rank": run.rank}).encode())
     _say(run.config, f"[train] fault injection: rank {run.rank} exits in the middle of epoch {epoch}")
     os._exit(1)
+
+
+def _wait_for_checkpoint(checkpoints: str, epoch: int, timeout_s: float = 300.0) -> None:
+    """Until Ray Train's snapshot of the run under `checkpoints` lists the checkpoint of `epoch`."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    snapshot = storage.join(checkpoints, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    deadline = time.monotonic() + timeout_s
+    while not (storage.exists(snapshot) and f"epoch_{epoch:04d}" in storage.read_bytes(snapshot).decode()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray Train wrote no checkpoint of epoch {epoch} to {snapshot} in {timeout_s:g} s")
+        time.sleep(0.5)
 
 
 @torch.no_grad()

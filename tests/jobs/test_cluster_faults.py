@@ -1,34 +1,23 @@
 """A lost node costs work, not the job: infer and train on a real multi-node Ray cluster on loopback
 whose nodes the test kills; a job without progress stops in one line; the watchdog's parts.
 
-The cluster is the issue's: a head with no CPUs (drivers only), a worker node with 2 CPUs and a
-logical GPU (the model actor's), and a 2-CPU worker node; the token auth of Ray 2.60 is on. Each
-node is its own `ray start --block` in a session of its own, with its own --temp-dir (short:
-Unix socket paths must fit in ~107 bytes) and its own ports, so a node is lost by SIGKILLing its
-raylet and every other process of that node at once, as when a spot machine goes, and the test
-stops only processes it started: the process trees of its `ray start` commands and anything
-naming their temp dirs (never `ray stop`, which would stop other people's Rays). A replacement
-node is started the way an autoscaler or KubeRay would, under a new name.
-
-The jobs run as a user runs them: `python -m ray_jobs.cli ...` with RAY_ADDRESS set. The cluster
-tests are slow (minutes: a cluster of three nodes, and what a lost node costs); the watchdog's
-own tests at the end are not.
+The cluster (`tests/cluster_harness.py`, token auth on): a head with no CPUs (drivers only), a
+node with a logical GPU and one CPU, which the model actor holds, and a 2-CPU node, so that every
+decode actor and read task of an infer job runs on the 2-CPU node. Each fault test forces one
+outcome: the node goes at a moment chosen so that the job can only finish by recovering (nothing
+committed yet, or a checkpoint to resume from), and a replacement node is started the way an
+autoscaler or KubeRay would, under a new name. Times are recorded as test properties, never
+asserted. The cluster tests are slow (minutes); the watchdog's own tests at the end are not.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -44,174 +33,23 @@ from ray_jobs.runtime import watchdog
 from ray_jobs.decode.stage import FAULT_INJECT_ENV
 from ray_jobs.commands.pack import pack
 from ray_jobs.inputs.storage import StorageError
-from tests.processes import free_ports, pids_naming
+from tests.cluster_harness import ROOT, JobOutput, loopback_cluster
 
-ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
-STALL_S = 60  # above a normal gap between batches on a busy 2-core machine, for the tests' runs
-# A run that has lost a node either goes on within this (its lost actors restarted elsewhere) or
-# is stopped by the watchdog: the test accepts both, and a shorter wait ends the second sooner.
-LOST_NODE_STALL_S = 30
+# The jobs' --stall-timeout: above the longest quiet spell of a recovery (Ray notices the loss,
+# a replacement node starts, actors start on it) on a loaded 2-core machine. A job that hangs
+# fails its test either way; the timeout only ends it in one line.
+STALL_S = 300
 LONG = {0, 5}  # of the 12 infer clips, these are 7 s long: two windows each
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants, parents first (Linux /proc)."""
-    children, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-class LoopbackCluster:
-    """Ray nodes on this machine, each a `ray start --block` the test owns (module docstring)."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    # A busy 2-core machine starts a node's agents slowly; Ray's default gives up.
-                    "RAY_agent_register_timeout_ms": "120000"}
-        self.env.pop("RAY_ADDRESS", None)
-        self.nodes: dict[str, tuple[subprocess.Popen, str]] = {}
-        self.address = ""
-
-    def start_head(self) -> None:
-        port, client = free_ports(2)
-        self.address = f"127.0.0.1:{port}"
-        self._start("head", ["--head", f"--port={port}", f"--ray-client-server-port={client}",
-                             "--include-dashboard=false", "--num-cpus=0"])
-
-    def add_node(self, name: str, cpus: int = 2, gpus: int = 0) -> None:
-        self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"])
-
-    def _start(self, name: str, args: list[str], tries: int = 2) -> None:
-        for attempt in range(tries):
-            temp = tempfile.mkdtemp(prefix=f"rc-{name}-", dir="/tmp")  # short: socket paths
-            ports = free_ports(6)
-            log = open(f"{temp}.out", "w")
-            node = subprocess.Popen(
-                [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-                 f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-                 f"--metrics-export-port={ports[2]}", f"--dashboard-agent-listen-port={ports[3]}",
-                 f"--dashboard-agent-grpc-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
-                 "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=150000000",
-                 "--disable-usage-stats", *args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            self.nodes[name] = (node, temp)
-            if self._started(node, f"{temp}.out"):
-                return
-            self._stop(name)  # a node that could not register in time (a busy machine): once more
-        raise RuntimeError(f"Ray node {name} did not start: {Path(f'{temp}.out').read_text()[-2000:]}")
-
-    @staticmethod
-    def _started(node: subprocess.Popen, log: str, timeout_s: float = 180.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "Ray runtime started" in Path(log).read_text():
-                return True
-            if node.poll() is not None:
-                return False
-            time.sleep(0.5)
-        return False
-
-    def lose(self, name: str) -> None:
-        """The node is gone at once: its raylet and every process of it, SIGKILL."""
-        node, _ = self.nodes[name]
-        _kill(list(reversed(_tree(node.pid))))
-
-    def node_running(self, process_title: str) -> str:
-        """The name of a node that runs a Ray worker process titled `process_title...`."""
-        for name, (node, _) in self.nodes.items():
-            for pid in _tree(node.pid):
-                try:
-                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(process_title.encode()):
-                        return name
-                except OSError:
-                    pass
-        raise LookupError(f"no node runs {process_title}")
-
-    def _stop(self, name: str) -> None:
-        node, temp = self.nodes.pop(name)
-        _kill(list(reversed(_tree(node.pid))))
-        node.wait(timeout=30)
-        _kill(pids_naming(temp))
-        shutil.rmtree(temp, ignore_errors=True)
-        Path(f"{temp}.out").unlink(missing_ok=True)
-
-    def stop(self) -> None:
-        for name in list(self.nodes):
-            self._stop(name)
-
-    def job(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        env = env or {**self.env, "RAY_ADDRESS": self.address}
-        return subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", *argv], env=env, cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+DECODER = "ray_jobs.decode.child"  # the command line of a decode actor's child process
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = LoopbackCluster(tmp_path_factory.mktemp("cluster"))
-    try:
+def cluster():
+    with loopback_cluster() as cluster:
         cluster.start_head()
-        cluster.add_node("gpu", cpus=2, gpus=1)
+        cluster.add_node("gpu", cpus=1, gpus=1)
         cluster.add_node("cpu", cpus=2)
         yield cluster
-    finally:
-        cluster.stop()
-
-
-class Output:
-    """A job's output lines as they come (a thread reads them), with the time each came."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
-        self.lines: list[tuple[float, str]] = []
-        self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-
-    def wait_for(self, condition, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if condition():
-                return True
-            time.sleep(0.2)
-        return condition()
-
-    def has(self, text: str) -> bool:
-        return any(text in line for _, line in self.lines)
-
-    def finish(self, timeout_s: float) -> tuple[int, str]:
-        code = self.process.wait(timeout=timeout_s)
-        self._thread.join(10)
-        return code, "\n".join(line for _, line in self.lines)
 
 
 @pytest.fixture(scope="module")
@@ -233,59 +71,45 @@ def infer_data(tmp_path_factory) -> dict[str, str]:
 def test_a_job_without_progress_stops_with_one_line_and_its_process_exits(cluster, infer_data, tmp_path,
                                                                           record_property):
     # Every decoder hangs (for its 60 s window timeout): no batch reaches the driver.
-    started = time.monotonic()
-    job = Output(cluster.job(["infer", infer_data["shards"], "--model", infer_data["model"],
-                              "--output", str(tmp_path / "labels"), "--stall-timeout", "10"],
-                             env={**cluster.env, "RAY_ADDRESS": cluster.address, FAULT_INJECT_ENV: "hang:.tar/"}))
+    job = JobOutput(cluster.job(["infer", infer_data["shards"], "--model", infer_data["model"],
+                                 "--output", str(tmp_path / "labels"), "--stall-timeout", "10"],
+                                env={FAULT_INJECT_ENV: "hang:.tar/"}))
     code, printed = job.finish(timeout_s=300)
-    record_property("infer_every_decoder_hangs", f"exit {code} after {time.monotonic() - started:.1f} s")
+    record_property("infer_every_decoder_hangs_s", round(time.monotonic() - job.started, 1))
 
-    assert code == 2, printed[-3000:]
+    assert code == 75, printed[-3000:]
     assert printed.splitlines()[-1] == (
         "error: stalled: no progress for 10 s (no labelled window reached the driver); a lost node the cluster "
         "has not replaced, or an object store that stopped answering; run the same command again to finish the work")
     assert "Traceback" not in printed
-    assert time.monotonic() - started < 120  # Ray's start, 10 s, and an exit
     assert not list((tmp_path / "labels").glob("videos/*"))
 
 
 @pytest.mark.slow
-def test_infer_losing_a_decode_node_ends_by_itself_and_the_rerun_labels_everything_once(
+def test_infer_losing_its_decode_node_before_any_commit_recovers_on_a_replacement_and_labels_everything_once(
     cluster, infer_data, tmp_path, record_property
 ):
     output = tmp_path / "labels"
-    argv = ["infer", infer_data["shards"], "--model", infer_data["model"], "--output", str(output),
-            "--batch-size", "2", "--stall-timeout"]
-    job = Output(cluster.job([*argv, str(LOST_NODE_STALL_S)]))
-    assert job.wait_for(lambda: job.has("committed part-"), timeout_s=300), job.lines[-20:]
-    committed_before_loss = sum("committed part-" in line for _, line in job.lines)
-    cluster.lose("cpu")  # a decode actor and the read tasks' CPUs; the model's node stays
+    job = JobOutput(cluster.job(["infer", infer_data["shards"], "--model", infer_data["model"], "--output",
+                                 str(output), "--batch-size", "2", "--stall-timeout", str(STALL_S)]))
+    # The model actor holds the "gpu" node's one CPU, so the decode actor and the reads run on "cpu".
+    # That node goes as soon as its decoder is up, before any unit is committed: the decoding left
+    # can only run on the replacement, and Ray Data must restart the pool's actor there.
+    assert job.wait_for(lambda: cluster.runs("cpu", DECODER), timeout_s=600), job.lines[-20:]
+    cluster.lose("cpu")
     lost_at = time.monotonic()
-    code, printed = job.finish(timeout_s=LOST_NODE_STALL_S + 240)
-    record_property("infer_decode_node_lost", f"exit {code} {time.monotonic() - lost_at:.1f} s after the loss")
-
-    # It ends by itself: finished, or stopped by the watchdog with one line, never a traceback.
-    assert time.monotonic() - lost_at < LOST_NODE_STALL_S + 180
-    assert "Traceback" not in printed, printed[-3000:]
-    if code != 0:
-        assert code == 2, printed[-3000:]
-        assert printed.splitlines()[-1].startswith(
-            (f"error: stalled: no progress for {LOST_NODE_STALL_S} s", "error: worker_lost: ")), printed[-1000:]
-        assert not (output / "_SUCCESS").exists()
-
+    assert not job.has("committed part-") and not list(output.glob("videos/*")), job.lines[-20:]
     cluster.add_node("cpu-replacement", cpus=2)  # as the autoscaler would
-    rerun = Output(cluster.job([*argv, str(STALL_S)]))
-    code, printed = rerun.finish(timeout_s=600)
-    record_property("infer_rerun_after_node_loss", f"exit {code} after {time.monotonic() - rerun.started:.1f} s")
+    code, printed = job.finish(timeout_s=900)
+    record_property("infer_decode_node_lost_to_exit_s", round(time.monotonic() - lost_at, 1))
+
     assert code == 0, printed[-3000:]
+    assert "infer: 12 inputs in 6 units (0 already committed); 1 decode actors, 1 model actors on GPUs" in printed
+    assert printed.count("committed part-") == 6, printed[-3000:]
     videos, windows = pd.read_parquet(output / "videos"), pd.read_parquet(output / "windows")
     assert len(videos) == 12 and videos["key"].is_unique and videos["error"].isna().all()
     assert not windows.duplicated(["key", "window"]).any()
     assert len(windows) == videos["windows"].sum() == 12 + len(LONG)
-    # The rerun redid none of the units committed before the loss. (The first run may also have
-    # finished on the node that stayed: then the rerun has nothing to do at all.)
-    skipped = re.search(r"\((\d+) of \d+ units already committed", printed).group(1)
-    assert int(skipped) >= committed_before_loss >= 1, printed[-3000:]
     assert (output / "_SUCCESS").exists()
 
 
@@ -310,23 +134,24 @@ def test_train_losing_a_worker_node_resumes_from_its_last_checkpoint_and_finishe
     output = tmp_path / "run"
     argv = ["train", "--train", train_data["train"], "--val", train_data["val"], "--output", str(output),
             "--config", train_data["config"], "--workers", "2", "--batch-size", "4", "--epochs", str(epochs),
-            "--cache", str(tmp_path / "cache"), "--stall-timeout", str(3 * STALL_S)]
-    job = Output(cluster.job(argv))
-    # Once Ray Train holds a checkpoint (its snapshot lists one), the node of a worker goes.
+            "--cache", str(tmp_path / "cache"), "--stall-timeout", str(STALL_S)]
+    job = JobOutput(cluster.job(argv))
+    # Once Ray Train holds a checkpoint (its snapshot lists one), the node of a worker goes while
+    # epochs are left: the run can only finish by resuming from a checkpoint.
     snapshot = output / "checkpoints" / "checkpoint_manager_snapshot.json"
     assert job.wait_for(lambda: snapshot.exists() and "epoch_0001" in snapshot.read_text(), timeout_s=400), \
         job.lines[-20:]
     victim = cluster.node_running("ray::RayTrainWorker")
     cluster.lose(victim)
     lost_at = time.monotonic()
-    cluster.add_node(f"{victim}-replacement", cpus=2)
+    assert not job.has(f"[train] epoch {epochs}/{epochs}: "), job.lines[-20:]
+    cluster.add_node(f"{victim}-replacement", cpus=2)  # started while the run waits: in the recorded time
     code, printed = job.finish(timeout_s=600)
-    record_property("train_worker_node_lost", f"exit {code} {time.monotonic() - lost_at:.1f} s after the loss "
-                                              f"(a replacement node started in that time)")
+    record_property("train_worker_node_lost_to_exit_s", round(time.monotonic() - lost_at, 1))
 
     assert code == 0, printed[-3000:]
     resumed = [line for line in printed.splitlines() if "worker group resumes from the checkpoint of epoch" in line]
-    assert resumed and int(resumed[-1].split("epoch ")[1].split(":")[0]) >= 1, printed[-3000:]
+    assert len(resumed) == 1 and int(resumed[0].split("epoch ")[1].split(":")[0]) >= 1, printed[-3000:]
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == list(range(1, epochs + 1))
     assert all(m["train_clips"] == 12 for m in history)
@@ -353,7 +178,7 @@ def test_watched_raises_stalled_when_no_item_comes_in_time_and_closes_the_stream
     started = time.monotonic()
     with pytest.raises(watchdog.Stalled) as stalled:
         next(items)
-    assert 0.4 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.4  # it waited for the timeout, not less
     assert str(stalled.value).startswith("stalled: no progress for 0.5 s (test stream); ")
     release.set()  # the thread gets its item, sees the caller gone, and closes the stream
     assert closed.wait(5)
@@ -390,10 +215,10 @@ def test_one_line_finds_the_reason_inside_rays_wrappers():
     assert watchdog.one_line(ValueError("a bug")) is None
 
 
-def test_a_stalled_command_ends_even_when_a_thread_would_keep_it_alive():
+def test_a_stalled_command_ends_even_when_a_thread_would_keep_it_alive(record_property):
     script = (
         "import threading, time\n"
-        "from ray_jobs import watchdog\n"
+        "from ray_jobs.runtime import watchdog\n"
         "threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon: exit would wait on it\n"
         "try:\n"
         "    with watchdog.exit_in_bounded_time(grace_s=1.0):\n"
@@ -403,5 +228,5 @@ def test_a_stalled_command_ends_even_when_a_thread_would_keep_it_alive():
     )
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (2, "error: stalled: no progress\n")
-    assert time.monotonic() - started < 30
+    record_property("exit_s", round(time.monotonic() - started, 1))
+    assert (done.returncode, done.stdout) == (75, "error: stalled: no progress\n")

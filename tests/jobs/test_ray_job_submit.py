@@ -3,29 +3,17 @@
 This is the cluster path of the product: RAY_ADDRESS is set by Ray for the job's driver, the
 dashboard's job API and every Ray RPC require the token, and the job reads and writes S3 through
 the AWS_* variables it inherits from the head. The package is installed in the virtual
-environment, so the entrypoint is that environment's python with no working_dir upload.
-
-Stopping only this Ray: `ray stop` would stop every Ray on the machine (other tests, other users),
-so the head runs as `ray start --block` in a new session with its own --temp-dir and a private
-port for everything that has a fixed default. Teardown sends SIGTERM to that session's process
-group (`ray start --block` then stops the processes it started), gives it a few seconds (its
-graceful stop takes longer than the test needs), SIGKILLs the group, and
-finally kills any process whose command line names the private temp dir (Ray's workers start
-their own process groups but carry the session path). Nothing else is touched.
+environment, so the entrypoint is that environment's python with no working_dir upload. The head
+is the tests' own (`tests/cluster_harness.py`): its own temp dir and loopback ports, and only its
+processes are stopped.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -38,72 +26,31 @@ from groupemotion_core.schema import CLASSES, PROB_COLUMNS
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 from ray_jobs.inputs import storage
 from ray_jobs.commands.pack import pack
-from tests.processes import free_ports, pids_naming
-
-RAY = str(Path(sys.executable).with_name("ray"))
+from tests.cluster_harness import RAY, loopback_cluster
 
 
 @pytest.fixture
 def ray_head(s3_server):
-    """A token-protected Ray head on 127.0.0.1: yields (dashboard URL, env for Ray CLI calls)."""
-    temp_dir = tempfile.mkdtemp(prefix="ray-submit-", dir="/tmp")  # short: Ray's socket paths must fit
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [
-            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-            f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0",
-            # Four logical CPUs (as the test session's Ray): reading, decoding and the model
-            # each hold one while they stream, on a machine that may have only two cores.
-            "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_job_api(url, env, head)
-        yield url, env
-    finally:
-        _stop(head, temp_dir)
+    """A token-protected Ray head on 127.0.0.1 with the job API: yields (its URL, env for Ray CLI calls).
+
+    Four logical CPUs (as the test session's Ray): reading, decoding and the model each hold one
+    while they stream, on a machine that may have only two cores. Started after the S3 server,
+    so the head and the job's driver inherit the AWS_* variables that point at it.
+    """
+    with loopback_cluster() as cluster:
+        cluster.start_head(cpus=4, dashboard=True)
+        _wait_for_job_api(cluster.dashboard, cluster.env)
+        yield cluster.dashboard, cluster.env
 
 
-def _wait_for_job_api(url: str, env: dict, head: subprocess.Popen, timeout_s: float = 120.0) -> None:
+def _wait_for_job_api(url: str, env: dict, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start exited early"
         probe = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, timeout=60)
         if probe.returncode == 0:
             return
         time.sleep(2)
     raise TimeoutError(f"the Ray job API at {url} did not come up in {timeout_s} s")
-
-
-def _stop(head: subprocess.Popen, temp_dir: str) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=3)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10)
-    for pid in pids_naming(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(1)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not pids_naming(temp_dir), "a process of the test's Ray survived its teardown"
 
 
 @pytest.mark.slow

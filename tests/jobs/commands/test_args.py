@@ -11,6 +11,7 @@ INFER = ["infer", "videos/", "--model", "preset:tiny", "--output", "out/"]
 EVAL = ["eval", "videos/", "--model", "preset:tiny", "--report", "report/"]
 DECODE = ["decode", "clip.mp4"]
 TRAIN = ["train", "--train", "a/", "--val", "b/", "--output", "run/"]
+REPORT = ["report", "labels/", "--out", "report/"]
 
 
 def _parse(argv: list[str]):
@@ -29,6 +30,8 @@ def _parse(argv: list[str]):
     (INFER, "--gpus-per-actor", "-0.5", "-0.5 is not zero or a positive number"),
     (TRAIN, "--stall-timeout", "0", "0 is not a positive number"),
     (INFER, "--decode-cpus", "two", "invalid int value: 'two'"),
+    (REPORT, "--top", "101", "101 is not a whole number from 0 to 100"),
+    (REPORT, "--examples", "-1", "-1 is not a whole number from 0 to 100"),
 ])
 def test_a_bad_number_is_refused_while_parsing_with_the_option_named(argv, flag, value, says, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -42,3 +45,5 @@ def test_the_edges_of_each_range_are_accepted():
     assert (args.start, args.stride, args.max_windows) == (0.0, 0.5, 1)
     args = _parse([*INFER, "--gpus-per-actor", "0", "--actors", "1"])
     assert (args.gpus_per_actor, args.actors) == (0.0, 1)
+    args = _parse([*REPORT, "--top", "0", "--timelines", "100"])
+    assert (args.top, args.timelines) == (0, 100)

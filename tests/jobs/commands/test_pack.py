@@ -160,3 +160,39 @@ def test_a_shard_that_fails_midway_never_appears_on_s3(s3_bucket: str):
     assert not storage.exists(uri)
     bucket = s3_bucket[len("s3://") :]
     assert "Uploads" not in boto3.client("s3").list_multipart_uploads(Bucket=bucket)
+
+
+def test_pack_reads_many_objects_at_once_within_its_memory_bound(class_folders: Path, tmp_path: Path, monkeypatch):
+    import threading
+    import time
+
+    from ray_jobs.commands import pack as pack_module
+
+    reading, most, held, most_held = [0], [0], [0], [0]
+    lock = threading.Lock()
+    read_bytes = storage.read_bytes
+
+    def counted(uri: str, max_bytes=None) -> bytes:
+        size = Path(uri).stat().st_size
+        with lock:
+            reading[0] += 1
+            held[0] += size
+            most[0], most_held[0] = max(most[0], reading[0]), max(most_held[0], held[0])
+        time.sleep(0.05)  # a store's latency: reads overlap when they can
+        try:
+            return read_bytes(uri, max_bytes)
+        finally:
+            with lock:
+                reading[0] -= 1
+                held[0] -= size
+
+    monkeypatch.setattr(storage, "read_bytes", counted)
+    pack(str(class_folders), str(tmp_path / "many"), shard_size=20, progress=io.StringIO())
+    assert 1 < most[0] <= pack_module.READERS
+
+    largest = max(p.stat().st_size for p in class_folders.rglob("*.mp4"))
+    monkeypatch.setattr(pack_module, "READ_AHEAD_BYTES", 2 * largest)
+    most[0] = most_held[0] = 0
+    pack(str(class_folders), str(tmp_path / "bounded"), shard_size=20, progress=io.StringIO())
+    assert most[0] > 1 and most_held[0] <= 2 * largest  # still at once, within the bytes allowed
+    assert (tmp_path / "many" / "shard-000000.tar").read_bytes() == (tmp_path / "bounded" / "shard-000000.tar").read_bytes()

@@ -2,9 +2,9 @@
 
 One output is written here row by row with the sink's own table functions (so every number the
 report should give is known), in two units, with a user column the report must ignore, a shard
-member and plain files on the contact sheet, and one video that is gone. Another comes from a real
-`groupemotion infer` run (tiny model, local Ray) and is rendered in headless Chromium, which
-must load every picture on the page.
+member and plain files on the contact sheet, and one video that is gone; its page is rendered in
+headless Chromium, which must load every picture on it. Another comes from a real `groupemotion
+infer` run (tiny model, local Ray), and its report must agree with its Parquet.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from groupemotion_core.errors import GroupEmotionError
 from groupemotion_core.model.classifier import GroupEmotionModel
 from groupemotion_core.model.config import preset
 from groupemotion_core.schema import CLASSES, PROB_COLUMNS
@@ -31,7 +33,8 @@ from groupemotion_core.weights.checkpoint import save_checkpoint
 from ray_jobs.cli import main
 from ray_jobs.commands.pack import pack
 from ray_jobs.commands.report import report
-from ray_jobs.report.scan import scan
+from ray_jobs.inputs import storage
+from ray_jobs.report.scan import TopK, check_output, scan
 from ray_jobs.sinks import labels
 
 SMALL = dict(width=64, height=48, fps=4.0)
@@ -155,6 +158,24 @@ def test_the_counts_do_not_depend_on_how_the_rows_are_batched(written):
     assert scan(str(written), top=2, timelines=1, batch_rows=3).to_dict() == whole
 
 
+def test_an_output_on_s3_reads_as_the_same_output(written, s3_bucket):
+    storage.upload_dir(str(written), f"{s3_bucket}/labels")
+    assert scan(f"{s3_bucket}/labels", top=2).to_dict() == scan(str(written), top=2).to_dict()
+    with pytest.raises(GroupEmotionError, match="no videos/part-"):
+        check_output(s3_bucket)
+
+
+def test_top_k_keeps_the_best_and_breaks_ties_by_key_however_the_stream_is_cut():
+    scores = np.array([5.0, 15.0, 15.0, 5.0, 15.0, 600.0, 15.0, np.nan])
+    keys = pa.array(list("gfedcbah"))
+    for order in (list(range(8)), list(range(7, -1, -1)), [3, 0, 6, 1, 7, 5, 2, 4]):
+        for pieces in (1, 3, 8):
+            top = TopK(3)
+            for chunk in np.array_split(np.array(order), pieces):
+                top.offer(scores[chunk], keys.take(pa.array(chunk, pa.int64())))
+            assert top.items == [(600.0, "b"), (15.0, "a"), (15.0, "c")]
+
+
 def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tmp_path, capsys):
     def error(path) -> str:
         assert main(["report", str(path), "--out", str(tmp_path / "page")]) == 2
@@ -175,6 +196,9 @@ def test_a_folder_that_is_not_a_labels_output_is_refused_in_one_line(written, tm
     (other / "part-0.parquet").write_bytes(b"not parquet at all")
     assert error(other.parent).startswith(f"error: bad_output: {other}: ")
     assert not (tmp_path / "page").exists()
+    (tmp_path / "page").write_text("")
+    assert main(["report", str(written), "--out", str(tmp_path / "page")]) == 2
+    assert capsys.readouterr().err == f"error: bad_out: --out {tmp_path / 'page'} is a file, not a folder\n"
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +244,7 @@ window.addEventListener("load", () => {
     return json.loads(html.unescape(found.group(1)))
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium: apt-get install chromium")
-def test_the_page_of_a_real_run_loads_every_picture_in_a_browser(inferred, tmp_path, capsys):
+def test_the_report_of_a_real_infer_run_agrees_with_its_parquet(inferred, tmp_path, capsys):
     out = tmp_path / "page"
     assert main(["report", str(inferred), "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith("report: 9 videos (")
@@ -230,12 +253,19 @@ def test_the_page_of_a_real_run_loads_every_picture_in_a_browser(inferred, tmp_p
     assert got["labels"] == videos["label"].value_counts().to_dict()
     assert (got["videos"], got["failed"]) == (9, 1)  # 7 shard members (random.mp4 fails), 2 plain files
     assert got["windows"] == len(pd.read_parquet(inferred / "windows"))
-    assert all(e["error"] is None for entries in got["contact_sheets"].values() for e in entries)
+    assert [t["seconds"] for t in got["timelines"]] == [11.0] * 4  # c3-c5 in the shards, c5 as a plain file too
+    sheets = [e for entries in got["contact_sheets"].values() for e in entries]
+    assert sheets and all(e["error"] is None for e in sheets)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium: apt-get install chromium")
+def test_the_page_loads_every_picture_in_a_browser(written, tmp_path):
+    out = tmp_path / "page"
+    report(str(written), str(out), top=2)
 
     images = _images_in_chromium(out / "index.html", tmp_path / "chromium")
-    expected = ["labels.png", "confidence.png", "timelines.png",
-                *(f"contact-{c.lower()}.jpg" for c in CLASSES if c in got["labels"])]
-    assert [i["src"] for i in images] == expected
+    assert [i["src"] for i in images] == ["labels.png", "confidence.png", "timelines.png", "contact-negative.jpg",
+                                          "contact-neutral.jpg", "contact-positive.jpg"]
     assert all(i["width"] > 0 and i["height"] > 0 for i in images), images
     # The check sees a picture that does not load.
     (out / "timelines.png").unlink()

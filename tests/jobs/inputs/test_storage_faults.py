@@ -29,6 +29,7 @@ from groupemotion_core.model.config import preset
 from groupemotion_core.schema import PROB_COLUMNS, ClipRow
 from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
 from ray_jobs.inputs import storage
+from ray_jobs.inputs.listing import Listing
 from ray_jobs.sinks.labels import LabelWriter, Summary, plan_units
 from ray_jobs.commands.pack import pack
 from ray_jobs.inputs.sources import list_inputs, read_labels_csv
@@ -154,7 +155,7 @@ def test_a_multipart_upload_whose_part_fails_is_aborted_and_the_first_error_is_t
 
 def test_a_unit_whose_rows_the_store_failed_is_left_for_a_rerun_and_the_others_commit(tmp_path):
     shards = ["s3://b/shards/shard-000000.tar", "s3://b/shards/shard-000001.tar"]
-    units = plan_units(shards)
+    units = plan_units(Listing([], "uri", None, 256, shards=shards), str(tmp_path / "labels"))
     summary = Summary(units=2)
     notes: list[str] = []
     writer = LabelWriter(units, str(tmp_path / "labels"), "m1", summary, on_commit=notes.append)
