@@ -68,7 +68,7 @@ def test_eval_scores_videos_as_infer_labels_them_and_the_report_agrees(ray_sessi
         assert image.format == "PNG" and image.width >= 400 and image.height >= 400
 
 
-def test_eval_writes_its_report_to_object_storage(ray_session, s3_bucket, tmp_path, capsys):
+def test_eval_writes_its_report_to_object_storage(ray_session, tiny_checkpoint, s3_bucket, tmp_path, capsys):
     from ray_jobs.inputs import storage
 
     data = tmp_path / "data"
@@ -76,11 +76,9 @@ def test_eval_writes_its_report_to_object_storage(ray_session, s3_bucket, tmp_pa
         (data / label).mkdir(parents=True)
         render_clip(SyntheticClip(label=label, width=64, height=48, seconds=1.0, fps=4.0, seed=i),
                     data / label / f"v{i}.mp4")
-    torch.manual_seed(0)
-    save_checkpoint(GroupEmotionModel(preset("tiny")), tmp_path / "ckpt")
     report = f"{s3_bucket}/reports/tiny-v1"
 
-    assert main(["eval", str(data), "--model", str(tmp_path / "ckpt"), "--report", report,
+    assert main(["eval", str(data), "--model", tiny_checkpoint[0], "--report", report,
                  "--actors", "1", "--decode-cpus", "1", "--batch-size", "4"]) == 0
 
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"report: {report}"
