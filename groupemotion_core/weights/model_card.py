@@ -124,7 +124,7 @@ def _body(model_id: str, run_config: dict[str, Any], metrics: dict[str, Any]) ->
         f"- training data: {', '.join(f'`{uri}`' for uri in data['train'])}",
         f"- validation data: {', '.join(f'`{uri}`' for uri in data['val'])}",
         f"- pretrained encoders: {_pretrained(run_config['pretrained'])}",
-        f"- {training['epochs']} epochs, Adam at lr {training['lr']:g} (encoders at lr x 1e-2), label "
+        f"- {training['epochs']} epochs, Adam at lr {training['lr']:g} ({_encoder_lr(run_config['pretrained'])}), label "
         f"smoothing 0.2, effective batch {training['effective_batch_size']} ({training['workers']} "
         f"workers x {training['batch_size_per_worker']} x {training['grad_accum']} accumulated), seed "
         f"{training['seed']}, {'GPUs with bf16 autocast' if training['gpu'] else 'CPUs'}",
@@ -146,6 +146,12 @@ def _body(model_id: str, run_config: dict[str, Any], metrics: dict[str, Any]) ->
         "",
     ]
     return "\n".join(lines)
+
+
+def _encoder_lr(pretrained: dict[str, Any]) -> str:
+    """The rule of `model.training.encoder_lr_scale`, said here without importing it (that module
+    imports timm and transformers, which the train driver never loads)."""
+    return "encoders at lr x 1e-2" if any(pretrained.values()) else "random encoders at the same lr"
 
 
 def _pretrained(pretrained: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ def test_the_card_names_the_pretrained_commits_the_data_and_the_scores(hub_cache
     text = card.text
     assert f"audio: `facebook/hubert-tiny` at commit `{COMMIT}`" in text
     assert "vision: none (random initialisation)" in text
+    assert "Adam at lr 0.0001 (encoders at lr x 1e-2)" in text  # one encoder pretrained: the paper's rate
     assert "The exported epoch, 6 of 8," in text and "effective batch 16 (2 workers x 8 x 1" in text
     assert "| recall Neutral | 0.5000 |" in text and "| Neutral | 1 | 3 | 2 |" in text
     assert f"# groupemotion model `{model_id}`" in text and "every 5 s window" in text
