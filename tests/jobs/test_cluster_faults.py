@@ -21,25 +21,21 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
-from groupemotion_core.weights.checkpoint import save_checkpoint
-from groupemotion_core.model.config import preset
 from groupemotion_core.errors import GroupEmotionError
-from groupemotion_core.model.classifier import GroupEmotionModel
-from groupemotion_core.schema import CLASSES
-from groupemotion_core.media.synthetic import SyntheticClip, make_dataset, render_clip
+from groupemotion_core.media.synthetic import make_dataset
+from groupemotion_core.model.config import preset
 from ray_jobs.runtime import watchdog
 from ray_jobs.decode.stage import FAULT_INJECT_ENV
 from ray_jobs.commands.pack import pack
 from ray_jobs.inputs.storage import StorageError
 from tests.cluster_harness import ROOT, JobOutput, loopback_cluster
+from tests.jobs.conftest import INFER_LONG_CLIPS
 
 # The jobs' --stall-timeout: above the longest quiet spell of a recovery (Ray notices the loss,
 # a replacement node starts, actors start on it) on a loaded 2-core machine. A job that hangs
 # fails its test either way; the timeout only ends it in one line.
 STALL_S = 300
-LONG = {0, 5}  # of the 12 infer clips, these are 7 s long: two windows each
 DECODER = "MapBatches(_DecodeBatch)"  # in the title of a decode actor's process, from its start to the job's end
 
 
@@ -50,21 +46,6 @@ def cluster():
         cluster.add_node("gpu", cpus=1, gpus=1)
         cluster.add_node("cpu", cpus=2)
         yield cluster
-
-
-@pytest.fixture(scope="module")
-def infer_data(tmp_path_factory) -> dict[str, str]:
-    """12 clips in 6 shards of 2 (two of the clips 7 s long), and a tiny model."""
-    root = tmp_path_factory.mktemp("infer-data")
-    for i in range(12):
-        label = CLASSES[i % 3]
-        (root / "videos" / label).mkdir(parents=True, exist_ok=True)
-        render_clip(SyntheticClip(label=label, width=64, height=48, fps=4.0, seconds=7.0 if i in LONG else 2.0,
-                                  seed=i), root / "videos" / label / f"v{i:02d}.mp4")
-    pack(str(root / "videos"), str(root / "shards"), shard_size=2, progress=open(os.devnull, "w"))
-    torch.manual_seed(0)
-    save_checkpoint(GroupEmotionModel(preset("tiny")), root / "model")
-    return {"shards": str(root / "shards"), "model": str(root / "model")}
 
 
 @pytest.mark.slow
@@ -109,7 +90,7 @@ def test_infer_losing_its_decode_node_before_any_commit_recovers_on_a_replacemen
     videos, windows = pd.read_parquet(output / "videos"), pd.read_parquet(output / "windows")
     assert len(videos) == 12 and videos["key"].is_unique and videos["error"].isna().all()
     assert not windows.duplicated(["key", "window"]).any()
-    assert len(windows) == videos["windows"].sum() == 12 + len(LONG)
+    assert len(windows) == videos["windows"].sum() == 12 + len(INFER_LONG_CLIPS)
     assert (output / "_SUCCESS").exists()
 
 

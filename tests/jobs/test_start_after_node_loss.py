@@ -26,7 +26,6 @@ import pandas as pd
 import pytest
 
 from tests.cluster_harness import JobOutput, loopback_cluster
-from tests.jobs.test_cluster_faults import infer_data  # noqa: F401 (a fixture: 12 clips in 6 shards, a model)
 
 HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_FAILURES = 3, 20  # Ray's default period, 4x its failures: 60 s
 STALL_S = 300  # the jobs' --stall-timeout: a job that waits out the window on a loaded machine goes on
