@@ -113,6 +113,7 @@ def test_tables_in_each_format_local_and_on_s3_give_a_row_per_row_with_their_col
     assert summary.units_committed == 7 and len(labels.part_files(output, "windows")) == 7
 
 
+@pytest.mark.slow  # the killed run is a job process with its own Ray
 def test_a_killed_job_run_again_commits_every_row_once_from_its_saved_listing(
     ray_session, clips, checkpoint, tmp_path
 ):
