@@ -1,7 +1,6 @@
 """Exactly-once output of the inference job: `windows/` and `videos/` Parquet, one file of each per
-input unit (one tar shard, or a group of up to OBJECTS_PER_UNIT plain video objects), committed
-when the unit is complete, in whatever order units complete. How a unit is known complete in a
-stream of no order, how a unit a store failure touched is left for a rerun
+input unit (below), committed when the unit is complete, in whatever order units complete. How a
+unit is known complete in a stream of no order, how a unit a store failure touched is left for a rerun
 (`Summary.units_left`), and the fault-injection kill (GROUPEMOTION_INFER_EXIT_AFTER_UNITS=N) are
 `ray_jobs.sinks.units`, which the clip cache shares; the driver holds the rows of the units in
 flight only.
