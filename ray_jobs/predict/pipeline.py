@@ -11,10 +11,12 @@ hold one CPU each, the read tasks share a small reserve, and the decode pool is 
 pool of one-CPU actors on all the rest, sized from the nodes that are alive when the job starts
 (`ray_jobs.runtime.pools`, which the clip cache's fill uses too). The flags `--decode-cpus`,
 `--actors`, `--gpus-per-actor` and `--batch-size` override the sizes. A decode task is one read
-block of about VIDEOS_PER_DECODE_TASK videos, the read's block count set from the inputs' video
-count (manifests, or one per plain object): a second or so of decoding, long enough for Ray
-Data's cost per task (tens of CPU-milliseconds over driver, actor and raylet) to stay small, short
-enough for the last tasks to spread over the pool.
+block, of `decode_task_videos` videos, the read's block count set from the inputs' video count
+(manifests, or one per plain object). Ray Data's cost per task, tens of CPU-milliseconds over
+driver, actor and raylet, is paid per block: a small job gets blocks of a few videos, a second or
+so of decoding, so that its few videos spread over the pool; a larger one blocks of up to
+MAX_VIDEOS_PER_DECODE_TASK, so that each decode actor still gets DECODE_TASKS_PER_DECODER tasks
+or more (the last ones spread over the pool) and the cost per task is spread over more videos.
 Left to itself Ray Data splits a small job's shards into blocks of one video (its 200-block
 default) and leaves a large job's in blocks of up to 128 MiB. Ray Data keeps a second task queued
 at each actor, so a decode actor never waits for work while there is any; the model actors take
@@ -43,8 +45,10 @@ from ray_jobs.runtime import pools
 # One read task at a time feeds this many decode actors: it streams a shard at the store's speed,
 # far faster than they decode it, and every task more at once can cost a worker process more.
 DECODERS_PER_READ_TASK = 4
-# Videos a decode task gets (module docstring).
-VIDEOS_PER_DECODE_TASK = 4
+# Videos a decode task gets (`decode_task_videos`).
+MIN_VIDEOS_PER_DECODE_TASK = 4
+MAX_VIDEOS_PER_DECODE_TASK = 32
+DECODE_TASKS_PER_DECODER = 16
 # What the pipeline may hold in the object store, per decode actor (`bound_object_store`).
 OBJECT_STORE_PER_DECODER = 128 << 20
 BLOCKS_PER_DECODER = 8
@@ -155,24 +159,36 @@ def log_stats(predictions) -> None:
 
 def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, labels_csv: str | None = None,
                shard_ends: bool = False, table_reads=(), uri_column: str | None = None):
-    """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of about
-    VIDEOS_PER_DECODE_TASK videos when the inputs' video count (`video_count`) is known, one read
+    """The SourceRows of `predict`, read for its decode pool (module docstring): blocks of
+    `decode_task_videos` videos when the inputs' video count (`video_count`) is known, one read
     task (and one fetch task for a table's rows) at a time per DECODERS_PER_READ_TASK decode
     actors, each in the CPUs the fixed pools leave, the whole held to `bound_object_store`."""
     from ray_jobs.inputs.sources import fetch_stage, layout, read_sources
     from ray_jobs.inputs.tables import URI_COLUMN
 
     concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
+    per_task = decode_task_videos(videos, options.decode_cpus)
     if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
         blocks = len(uris) + len(table_reads)
     else:
-        blocks = None if videos is None else max(1, -(-videos // VIDEOS_PER_DECODE_TASK))
+        blocks = None if videos is None else max(1, -(-videos // per_task))
     sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency,
-                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False,
+                           block_videos=per_task)
     bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
     if not table_reads and not any(layout(uri) == "table" for uri in uris):
         return sources
-    return fetch_stage(sources, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency)
+    return fetch_stage(sources, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency, block_videos=per_task)
+
+
+def decode_task_videos(videos: int | None, decoders: int) -> int:
+    """Videos a decode task gets (module docstring): MIN_VIDEOS_PER_DECODE_TASK, or more when
+    the job has enough videos to give each of its `decoders` DECODE_TASKS_PER_DECODER tasks or
+    more, up to MAX_VIDEOS_PER_DECODE_TASK. Unknown counts (tables) get the fewest."""
+    if not videos:
+        return MIN_VIDEOS_PER_DECODE_TASK
+    per_task = videos // (max(1, decoders) * DECODE_TASKS_PER_DECODER)
+    return max(MIN_VIDEOS_PER_DECODE_TASK, min(MAX_VIDEOS_PER_DECODE_TASK, per_task))
 
 
 def bound_object_store(sources, options: PredictOptions, videos: int | None) -> None:
@@ -181,13 +197,20 @@ def bound_object_store(sources, options: PredictOptions, videos: int | None) -> 
     Reading is far faster than decoding, and Ray Data lets a stage run ahead until half the
     cluster's object store is full: the input read ahead, and the memory, would grow with the
     job up to gigabytes. Each decode actor gets OBJECT_STORE_PER_DECODER, or room for
-    BLOCKS_PER_DECODER read blocks of the inputs' mean video size when that is more: its task in
+    BLOCKS_PER_DECODER read blocks (of the inputs' mean video size) when that is more: its task in
     hand, the one queued, the next ones ready, and their decoded windows. Ray Data still lets an
     idle stage take one task over its budget, so a video larger than that slows the job; it never
     stalls it. The limit is set on the context that `sources` and every stage built on it share.
     """
+    from ray_jobs.inputs.sources import BLOCK_BYTES
+
     per_video = sources.size_bytes() / videos if videos else 0
-    per_decoder = max(OBJECT_STORE_PER_DECODER, BLOCKS_PER_DECODER * VIDEOS_PER_DECODE_TASK * per_video)
+    # A block holds whole videos: decode_task_videos of them, fewer when they pass BLOCK_BYTES, at least one.
+    block_videos = decode_task_videos(videos, options.decode_cpus)
+    if per_video:
+        block_videos = max(1, min(block_videos, int(BLOCK_BYTES // per_video)))
+    per_block = block_videos * per_video
+    per_decoder = max(OBJECT_STORE_PER_DECODER, BLOCKS_PER_DECODER * per_block)
     execution = sources.context.execution_options
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.decode_cpus * per_decoder)
 
