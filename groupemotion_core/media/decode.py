@@ -787,8 +787,7 @@ def _open_input(source: Source, spec: DecodeSpec):
         size = source.seek(0, io.SEEK_END)
         source.seek(0)
         head = source.read(16)
-        source.seek(0)
-        input_file = source
+        input_file = _Handle(source, size)
     else:  # a pipe or a socket: read it, but never more than the limit allows
         data = source.read(spec.max_input_bytes + 1)
         size, input_file, head = len(data), io.BytesIO(data), data[:16]
@@ -797,6 +796,39 @@ def _open_input(source: Source, spec: DecodeSpec):
     if size > spec.max_input_bytes:
         raise DecodeError("too_large", f"{size} bytes > max_input_bytes {spec.max_input_bytes}")
     return input_file, head
+
+
+class _Handle:
+    """One opening's own read position in a seekable file object.
+
+    The pictures and the sound are read side by side from openings of their own (and WMA's audio
+    decoders borrow more), each reading and seeking where it needs: handed the caller's file object
+    itself, they would share its one position and read each other's bytes. A handle seeks the
+    file to its own position before every read; the file is never read whole, so a plan that
+    needs only the start of a long video reads only that.
+    """
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size, self.position = file, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        self.file.seek(self.position)
+        data = self.file.read(n)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _video_stream(container, spec: DecodeSpec):

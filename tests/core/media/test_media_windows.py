@@ -113,6 +113,27 @@ def test_a_pipe_gives_the_same_windows_as_bytes(videos):
         assert_same_clip(window, expected.clip)
 
 
+@pytest.mark.parametrize("name", ["mp4", "ts", "flv"])
+def test_a_file_object_gives_the_same_windows_and_clips_as_bytes(videos, name, tmp_path):
+    """The pictures and the sound read the file side by side, each opening at a position of its own."""
+    data = videos[name]
+    path = tmp_path / f"video.{name}"
+    path.write_bytes(data)
+    for plan in (PLANS["back_to_back"], PLANS["sparse"]):
+        with open(path, "rb") as f:
+            from_file = list(decode_windows(f, SPEC, plan))
+        expected = list(decode_windows(data, SPEC, plan))
+        assert len(from_file) == len(expected) > 1
+        for window, alone in zip(from_file, expected):
+            assert window.error is None and window.clip.audio_len > 0
+            assert_same_clip(window, alone.clip)
+    with open(path, "rb") as f:
+        f.seek(100)  # wherever the caller left it: the video is read from its start
+        clip = decode_clip(f, SPEC, 7.0)
+    assert expected[2].start_s == 7.0
+    assert_same_clip(expected[2], clip)
+
+
 def garbled_start(seconds: float) -> bytes:
     """A 6 s H.264 MKV, keyframes 2 s apart, whose video packets before `seconds` are garbage."""
     source = render_clip(SyntheticClip(container="mkv", seconds=6.0, fps=10, keyint=20, seed=1))
