@@ -18,7 +18,8 @@ video decoder starts clean at every keyframe, so where the read started changes 
 its audio comes from a decoder of its own started a second before it (an audio decoder never
 starts clean: see `_AudioRun`), resampled by a resampler of its own; so a window costs the same
 early or late in a long video. Reading from time 0 opens the input afresh rather than seeking
-back: some containers (FLV) cannot.
+back: some containers (FLV) cannot; an MP4, which can exactly, reads its pictures on in the opening
+its packets were demuxed in (`_reusable`).
 
 Most frames are never shown in a window (8 of 150 in a 5 s window at 30 fps), and web encoders
 make many of them non-reference B-frames that no other frame is predicted from: FFmpeg can drop
@@ -143,8 +144,13 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     source = _replayable(source, spec)
     start = float(start)
     try:
-        length = _window_length(source, spec, start)
-        clip = next(_fill(source, spec, [(start, length)]))
+        with contextlib.ExitStack() as stack:
+            length, read = _window_length(source, spec, start)
+            stack.callback(read.close)
+            reused = _reusable(read)
+            if reused is None:
+                read.close()
+            clip = next(_fill(source, spec, [(start, length)], reused=reused))
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     if isinstance(clip, DecodeError):
@@ -190,9 +196,7 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
                 video_end, keyframes = _survey(surveyed, spec)
         except _FFMPEG_ERRORS as e:
             raise _decode_error(e) from None
-        # An MP4's opening reads its whole sample index (50 ms for two hours): the pictures read on
-        # in the one the tail was read from.
-        reused = surveyed if keyframes is None and surveyed.format.name.startswith("mov") else None
+        reused = _reusable(surveyed)
         if reused is None:
             surveyed.close()
         yield from _windows(source, spec, plan_windows(video_end, spec.clip_seconds, plan), keyframes, reused)
@@ -276,20 +280,35 @@ def _last_frame_end(packets, video) -> float | None:
     return end
 
 
-def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
-    """Seconds of the window from `start` that the video covers: clip_seconds, or less where the
-    video ends inside it."""
-    with _open_container(source, spec) as container:
+def _window_length(source: Source, spec: DecodeSpec, start: float):
+    """(seconds of the window from `start` that the video covers: clip_seconds, or less where the
+    video ends inside it; the opening they were read from, the caller's to close)."""
+    container = _open_container(source, spec)
+    try:
         video = _video_stream(container, spec)
         if start > 0:
             try:
                 _seek(container, video, start)
-            except av.error.FFmpegError:
-                pass  # no seeking in this file: read it from time 0 below
-            else:
-                return _covered(container, video, start, spec)
-    with _open_container(source, spec) as container:
-        return _covered(container, _video_stream(container, spec), start, spec)
+            except av.error.FFmpegError:  # no seeking in this file: read it from time 0
+                container.close()
+                container = _open_container(source, spec)
+                video = _video_stream(container, spec)
+        return _covered(container, video, start, spec), container
+    except BaseException:
+        container.close()
+        raise
+
+
+def _reusable(container):
+    """`container`, where the pictures may be read from it after it was demuxed, or None.
+
+    Opening an input costs FFmpeg's stream probe (it decodes a frame or two of each stream), and
+    an MP4's opening reads its whole sample index (50 ms for two hours): an MP4, which seeks back
+    to time 0 exactly by that index, is read on in the opening the window's length or the video's
+    end was found in. Other containers seek back by guesses, or not at all (FLV), and are opened
+    afresh.
+    """
+    return container if container.format.name.startswith("mov") else None
 
 
 def _covered(container, video, start: float, spec: DecodeSpec) -> float:
@@ -354,7 +373,8 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     has been read and the window. A seek that fails (FLV without an index), or that lands after
     its window or nowhere (MPEG-TS has no index and only guesses), makes it open the input again
     and read on from time 0 without seeking, as a player does. A `reused` opening (an MP4 the
-    survey read, the caller's to close) is read first, sought back to time 0.
+    survey or the window's length was read from, the caller's to close) is read first, sought
+    back to time 0.
     """
     following = 0  # the first window not opened yet
     may_seek = True
