@@ -346,11 +346,18 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
-    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
-    as they are.
+    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). Where every
+    window is sought (no `keyframes`: decode_clip, sparse windows) in a `reused` MP4, whose seeks
+    are exact, both are read from that one opening instead, a window at a time, each reader
+    seeking to it: a second opening would parse the MP4's whole sample index again (50 ms for two
+    hours). FFmpegErrors raise as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes, reused)) as pictures, \
-            contextlib.closing(_sounds(source, spec, windows)) as sounds:
+    if reused is not None and keyframes is None:
+        pictures = (_first(_pictures(source, spec, [window], None, reused)) for window in windows)
+        sounds = (_first(_sounds(source, spec, [window], reused)) for window in windows)
+    else:
+        pictures, sounds = _pictures(source, spec, windows, keyframes, reused), _sounds(source, spec, windows)
+    with contextlib.closing(pictures), contextlib.closing(sounds):
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
                 yield picture
@@ -360,6 +367,12 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             audio_len = min(len(samples), int(round(length * spec.sample_rate)), spec.audio_samples)
             audio[:audio_len] = samples[:audio_len]
             yield DecodedClip(frames, audio, audio_len, times, float(length))
+
+
+def _first(reader):
+    """The first thing `reader` yields, the reader closed after it."""
+    with contextlib.closing(reader):
+        return next(reader)
 
 
 def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
@@ -383,7 +396,8 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
         with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
             video = _VideoReader(container, spec, targets)
             if reused is not None:
-                video.seek(0.0)
+                if not (may_seek and video.should_seek(windows[following][0], keyframes)):
+                    video.seek(0.0)  # else the run below seeks to the window
                 reused = None
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
@@ -431,8 +445,9 @@ class _VideoReader:
         self.stream = _video_stream(container, spec)
         may_drop = self.stream.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
         self.drops = _Drops(targets) if may_drop else None
-        self.stream.thread_type = "AUTO"
-        self.stream.codec_context.thread_count = spec.threads
+        if not self.stream.codec_context.is_open:  # else a reader before set them (windows read one at a time)
+            self.stream.thread_type = "AUTO"
+            self.stream.codec_context.thread_count = spec.threads
         self.origin, self.tb = _origin(self.stream), float(self.stream.time_base)
         self.sar = float(self.stream.sample_aspect_ratio or 1)
         self.reformatter = VideoReformatter()  # one for all the frames it letterboxes: it keeps its scaler
@@ -580,7 +595,7 @@ class _Picture:
         self.filled += 1
 
 
-def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]):
+def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], reused=None):
     """Each window's audio, in order: mono float32 at spec.sample_rate from the window's start,
     not cut to its length yet, and empty without a track.
 
@@ -589,6 +604,11 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     one read. With no window being decoded, the read seeks to the next restart packet when that
     is more than AUDIO_SEEK_S ahead; where a seek fails or lands after it (FLV, MPEG-TS), the input
     is opened again and read from time 0 without seeking, as the pictures are.
+
+    A `reused` opening (an MP4 the pictures are read from too, the caller's to close) is read
+    first, sought to each window's restart packet wherever the read stands: an MP4 seek lands on
+    the last packet not after the time sought, or on the first packet when none is, which is then
+    the restart packet.
     """
     following = 0  # the first window whose decoder has not started
     live: deque[_AudioRun] = deque()
@@ -596,7 +616,8 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     may_seek = True
     try:
         while following < len(windows):
-            with _open_container(source, spec) as container:
+            with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
+                exact, reused = reused is not None, None
                 origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
                 stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
                 if stream is None:
@@ -606,7 +627,7 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
                 while True:  # one read: from time 0, or from a seek
                     # pending: the last packet at or before the next restart, and the untimed ones after it
                     sought, pending = False, []
-                    if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
+                    if may_seek and not live and (exact or restarts[following] > position + AUDIO_SEEK_S):
                         try:
                             container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
                         except av.error.FFmpegError:
@@ -619,7 +640,8 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
                         if t is not None:
                             _check_duration(t, spec)
                             position = t
-                            if following < len(windows) and t > restarts[following] and sought and not pending:
+                            if following < len(windows) and t > restarts[following] and sought and not pending \
+                                    and not exact:
                                 may_seek = False  # the seek landed after the restart packet
                                 break
                             while following < len(windows) and t > restarts[following]:

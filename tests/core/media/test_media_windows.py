@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import groupemotion_core.media.decode as decode
-from groupemotion_core.media.decode import DecodeError, DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.media.decode import DecodeError, DecodeSpec, Window, decode_clip, decode_windows
 from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan, plan_windows
 from groupemotion_core.media.synthetic import SyntheticClip, render_clip
 
@@ -132,6 +132,26 @@ def test_a_file_object_gives_the_same_windows_and_clips_as_bytes(videos, name, t
         clip = decode_clip(f, SPEC, 7.0)
     assert expected[2].start_s == 7.0
     assert_same_clip(expected[2], clip)
+
+
+def test_an_mp4_read_a_window_at_a_time_is_opened_once_and_gives_what_an_opening_per_reader_gives(videos, monkeypatch):
+    """decode_clip and sparse windows of an MP4 read the pictures and the sound from the opening
+    the window's length or the video's end was found in, each seeking to every window (window 0's
+    audio restarts before the first packet)."""
+    data, starts, sparse = videos["mp4"], (0.0, 0.5, 7.0, 10.0), WindowPlan(max_windows=2)
+    opened = []
+    opening = decode._open_container
+    monkeypatch.setattr(decode, "_open_container", lambda *args: opened.append(1) or opening(*args))
+    clips = [decode_clip(data, SPEC, start) for start in starts]
+    windows = list(decode_windows(data, SPEC, sparse))
+    assert len(opened) == len(starts) + 1 and len(windows) == 2
+
+    monkeypatch.setattr(decode, "_reusable", lambda container: None)  # each reader opens the input
+    for clip, start in zip(clips, starts):
+        assert_same_clip(Window(0, 1, start, start + clip.seconds, clip), decode_clip(data, SPEC, start))
+    for window, expected in zip(windows, decode_windows(data, SPEC, sparse)):
+        assert_same_clip(window, expected.clip)
+    assert len(opened) > 3 * (len(starts) + 1)
 
 
 def garbled_start(seconds: float) -> bytes:
