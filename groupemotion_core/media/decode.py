@@ -745,12 +745,19 @@ class _Sound:
     """One window's audio: decoded frames mixed to mono, resampled, trimmed by time.
 
     The resampler is the window's own, fed from the first frame that overlaps the window,
-    because its output depends on what it was fed before.
+    because its output depends on what it was fed before. It is fed BATCH samples at a time,
+    joined in a FIFO: each call costs PyAV's filter graph a push, pulls and an exception, as much
+    as the resampling of a 1024-sample AAC frame itself, and the resampler gives the same samples
+    however its input is cut (it gives all it can from what it has been fed), so the batch is
+    resampled before a rejected packet's silence goes in after it.
     """
+
+    BATCH = 16384
 
     def __init__(self, start: float, spec: DecodeSpec):
         self.start, self.end, self.rate = start, start + spec.clip_seconds, spec.sample_rate
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+        self.held = av.AudioFifo()
         self.chunks: list[np.ndarray] = []
         self.first: float | None = None  # time of the first frame kept
         self.done = False
@@ -763,20 +770,29 @@ class _Sound:
             self.done = True
         elif frame is None:
             if self.first is not None:
+                self._resample_held()
                 self.chunks.append(np.zeros(round(seconds * self.rate), np.float32))
         elif t + seconds > self.start:
             self.first = t if self.first is None else self.first
-            self._resample(frame)
+            frame.pts = None  # its time is t: the FIFO would check that the frames run on without a gap
+            self.held.write(frame)
+            if self.held.samples >= self.BATCH:
+                self._resample_held()
 
     def samples(self) -> np.ndarray:
         if self.first is None:
             return np.zeros(0, np.float32)
+        self._resample_held()
         self._resample(None)  # flush what the resampler holds back
         samples = np.concatenate(self.chunks or [np.zeros(0, np.float32)])
         skip = round((self.start - self.first) * self.rate)  # < 0: the audio starts late
         if skip < 0:
             return np.concatenate([np.zeros(-skip, np.float32), samples])
         return samples[skip:]
+
+    def _resample_held(self) -> None:
+        if self.held.samples:
+            self._resample(self.held.read())
 
     def _resample(self, frame) -> None:
         for mono in self.resampler.resample(frame):  # packed float32, one channel

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 
 import groupemotion_core.media.decode as decode
 from groupemotion_core.media.decode import DecodeError, DecodeSpec, Window, decode_clip, decode_windows
 from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan, plan_windows
-from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import SyntheticClip, garble, render_clip
 
 SPEC = DecodeSpec(frame_size=32, clip_seconds=2.0)
 SECONDS = 11.0
@@ -157,22 +156,7 @@ def test_an_mp4_read_a_window_at_a_time_is_opened_once_and_gives_what_an_opening
 def garbled_start(seconds: float) -> bytes:
     """A 6 s H.264 MKV, keyframes 2 s apart, whose video packets before `seconds` are garbage."""
     source = render_clip(SyntheticClip(container="mkv", seconds=6.0, fps=10, keyint=20, seed=1))
-    rng = np.random.default_rng(0)
-    garbled = io.BytesIO()
-    with av.open(io.BytesIO(source)) as src, av.open(garbled, "w", format="matroska") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
-        for packet in src.demux():
-            if packet.dts is None:  # the flush packets at the end
-                continue
-            stream = streams[packet.stream.index]
-            if packet.stream.type == "video" and packet.pts * packet.time_base < seconds:
-                garbage = av.Packet(rng.bytes(packet.size))
-                garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
-                garbage.is_keyframe = packet.is_keyframe
-                packet = garbage
-            packet.stream = stream
-            out.mux(packet)
-    return garbled.getvalue()
+    return garble(source, lambda packet: packet.stream.type == "video" and packet.pts * packet.time_base < seconds)
 
 
 def test_a_window_without_a_picture_is_yielded_with_its_error():
