@@ -608,7 +608,8 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     A `reused` opening (an MP4 the pictures are read from too, the caller's to close) is read
     first, sought to each window's restart packet wherever the read stands: an MP4 seek lands on
     the last packet not after the time sought, or on the first packet when none is, which is then
-    the restart packet.
+    the restart packet; that is trusted for a restart before time 0 (audio that starts late is
+    still read from time 0 in an opening of its own).
     """
     following = 0  # the first window whose decoder has not started
     live: deque[_AudioRun] = deque()
@@ -640,8 +641,9 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
                         if t is not None:
                             _check_duration(t, spec)
                             position = t
+                            # (a restart before time 0 in an MP4: the seek landed on the first packet)
                             if following < len(windows) and t > restarts[following] and sought and not pending \
-                                    and not exact:
+                                    and not (exact and restarts[following] <= 0):
                                 may_seek = False  # the seek landed after the restart packet
                                 break
                             while following < len(windows) and t > restarts[following]:
