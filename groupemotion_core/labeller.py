@@ -2,7 +2,7 @@
 
     from groupemotion_core import Labeller
     labeller = Labeller.load("runs/paper-v1/best")        # or "hf-hub:OWNER/REPO@REVISION"
-    result = labeller.label("party.mp4")                   # a path, or the video's bytes
+    result = labeller.label("party.mp4")                   # a path, the video's bytes, or a file object
     result.label, result.probabilities                     # "Positive", {"Negative": 0.1, ...}
     [(w.start_s, w.end_s, w.label) for w in result.windows]
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -91,9 +91,10 @@ class Labeller:
         model, config = load_checkpoint(checkpoint, map_location=device)
         return cls(model, config["model_id"], batch_size)
 
-    def label(self, video: str | os.PathLike | bytes, windows: str = "all", max_windows: int | None = None,
+    def label(self, video: str | os.PathLike | bytes | BinaryIO, windows: str = "all", max_windows: int | None = None,
               stride_s: float | None = None) -> VideoLabel:
-        """Label VIDEO (a path, or the video's bytes) with the window options of `infer`:
+        """Label VIDEO (a path, the video's bytes, or a binary file object, read from its start)
+        with the window options of `infer`:
         `windows` "all" (every window, `stride_s` apart, default the clip length) or "first" (one
         window from 0), and at most `max_windows` spread evenly over the video."""
         plan = WindowPlan(windows, stride_s, max_windows)

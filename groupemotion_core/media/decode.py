@@ -18,7 +18,8 @@ video decoder starts clean at every keyframe, so where the read started changes 
 its audio comes from a decoder of its own started a second before it (an audio decoder never
 starts clean: see `_AudioRun`), resampled by a resampler of its own; so a window costs the same
 early or late in a long video. Reading from time 0 opens the input afresh rather than seeking
-back: some containers (FLV) cannot.
+back: some containers (FLV) cannot; an MP4, which can exactly, reads its pictures on in the opening
+its packets were demuxed in (`_reusable`).
 
 Most frames are never shown in a window (8 of 150 in a 5 s window at 30 fps), and web encoders
 make many of them non-reference B-frames that no other frame is predicted from: FFmpeg can drop
@@ -143,8 +144,13 @@ def decode_clip(source: Source, spec: DecodeSpec = DecodeSpec(), start: float = 
     source = _replayable(source, spec)
     start = float(start)
     try:
-        length = _window_length(source, spec, start)
-        clip = next(_fill(source, spec, [(start, length)]))
+        with contextlib.ExitStack() as stack:
+            length, read = _window_length(source, spec, start)
+            stack.callback(read.close)
+            reused = _reusable(read)
+            if reused is None:
+                read.close()
+            clip = next(_fill(source, spec, [(start, length)], reused=reused))
     except _FFMPEG_ERRORS as e:
         raise _decode_error(e) from None
     if isinstance(clip, DecodeError):
@@ -190,9 +196,7 @@ def decode_windows(source: Source, spec: DecodeSpec = DecodeSpec(), plan: Window
                 video_end, keyframes = _survey(surveyed, spec)
         except _FFMPEG_ERRORS as e:
             raise _decode_error(e) from None
-        # An MP4's opening reads its whole sample index (50 ms for two hours): the pictures read on
-        # in the one the tail was read from.
-        reused = surveyed if keyframes is None and surveyed.format.name.startswith("mov") else None
+        reused = _reusable(surveyed)
         if reused is None:
             surveyed.close()
         yield from _windows(source, spec, plan_windows(video_end, spec.clip_seconds, plan), keyframes, reused)
@@ -276,20 +280,35 @@ def _last_frame_end(packets, video) -> float | None:
     return end
 
 
-def _window_length(source: Source, spec: DecodeSpec, start: float) -> float:
-    """Seconds of the window from `start` that the video covers: clip_seconds, or less where the
-    video ends inside it."""
-    with _open_container(source, spec) as container:
+def _window_length(source: Source, spec: DecodeSpec, start: float):
+    """(seconds of the window from `start` that the video covers: clip_seconds, or less where the
+    video ends inside it; the opening they were read from, the caller's to close)."""
+    container = _open_container(source, spec)
+    try:
         video = _video_stream(container, spec)
         if start > 0:
             try:
                 _seek(container, video, start)
-            except av.error.FFmpegError:
-                pass  # no seeking in this file: read it from time 0 below
-            else:
-                return _covered(container, video, start, spec)
-    with _open_container(source, spec) as container:
-        return _covered(container, _video_stream(container, spec), start, spec)
+            except av.error.FFmpegError:  # no seeking in this file: read it from time 0
+                container.close()
+                container = _open_container(source, spec)
+                video = _video_stream(container, spec)
+        return _covered(container, video, start, spec), container
+    except BaseException:
+        container.close()
+        raise
+
+
+def _reusable(container):
+    """`container`, where the pictures may be read from it after it was demuxed, or None.
+
+    Opening an input costs FFmpeg's stream probe (it decodes a frame or two of each stream), and
+    an MP4's opening reads its whole sample index (50 ms for two hours): an MP4, which seeks back
+    to time 0 exactly by that index, is read on in the opening the window's length or the video's
+    end was found in. Other containers seek back by guesses, or not at all (FLV), and are opened
+    afresh.
+    """
+    return container if container.format.name.startswith("mov") else None
 
 
 def _covered(container, video, start: float, spec: DecodeSpec) -> float:
@@ -327,11 +346,18 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
     """The clip, or the DecodeError of the window, of each (start, length) window, in order.
 
     Pictures and sound are read side by side from two openings of the input, each demuxing only
-    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). FFmpegErrors raise
-    as they are.
+    its own stream and seeking across gaps on its own (`_pictures`, `_sounds`). Where every
+    window is sought (no `keyframes`: decode_clip, sparse windows) in a `reused` MP4, whose seeks
+    are exact, both are read from that one opening instead, a window at a time, each reader
+    seeking to it: a second opening would parse the MP4's whole sample index again (50 ms for two
+    hours). FFmpegErrors raise as they are.
     """
-    with contextlib.closing(_pictures(source, spec, windows, keyframes, reused)) as pictures, \
-            contextlib.closing(_sounds(source, spec, windows)) as sounds:
+    if reused is not None and keyframes is None:
+        pictures = (_first(_pictures(source, spec, [window], None, reused)) for window in windows)
+        sounds = (_first(_sounds(source, spec, [window], reused)) for window in windows)
+    else:
+        pictures, sounds = _pictures(source, spec, windows, keyframes, reused), _sounds(source, spec, windows)
+    with contextlib.closing(pictures), contextlib.closing(sounds):
         for (start, length), picture, samples in zip(windows, pictures, sounds):
             if isinstance(picture, DecodeError):
                 yield picture
@@ -341,6 +367,12 @@ def _fill(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], 
             audio_len = min(len(samples), int(round(length * spec.sample_rate)), spec.audio_samples)
             audio[:audio_len] = samples[:audio_len]
             yield DecodedClip(frames, audio, audio_len, times, float(length))
+
+
+def _first(reader):
+    """The first thing `reader` yields, the reader closed after it."""
+    with contextlib.closing(reader):
+        return next(reader)
 
 
 def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], keyframes: list[float] | None,
@@ -354,7 +386,8 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
     has been read and the window. A seek that fails (FLV without an index), or that lands after
     its window or nowhere (MPEG-TS has no index and only guesses), makes it open the input again
     and read on from time 0 without seeking, as a player does. A `reused` opening (an MP4 the
-    survey read, the caller's to close) is read first, sought back to time 0.
+    survey or the window's length was read from, the caller's to close) is read first, sought
+    back to time 0.
     """
     following = 0  # the first window not opened yet
     may_seek = True
@@ -363,7 +396,8 @@ def _pictures(source: Source, spec: DecodeSpec, windows: list[tuple[float, float
         with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
             video = _VideoReader(container, spec, targets)
             if reused is not None:
-                video.seek(0.0)
+                if not (may_seek and video.should_seek(windows[following][0], keyframes)):
+                    video.seek(0.0)  # else the run below seeks to the window
                 reused = None
             live: deque[_Picture] = deque()
             while following < len(windows):  # one run: from time 0, or from a seek
@@ -411,8 +445,9 @@ class _VideoReader:
         self.stream = _video_stream(container, spec)
         may_drop = self.stream.codec_context.name in _DROPPING_CODECS and "avi" not in container.format.name.split(",")
         self.drops = _Drops(targets) if may_drop else None
-        self.stream.thread_type = "AUTO"
-        self.stream.codec_context.thread_count = spec.threads
+        if not self.stream.codec_context.is_open:  # else a reader before set them (windows read one at a time)
+            self.stream.thread_type = "AUTO"
+            self.stream.codec_context.thread_count = spec.threads
         self.origin, self.tb = _origin(self.stream), float(self.stream.time_base)
         self.sar = float(self.stream.sample_aspect_ratio or 1)
         self.reformatter = VideoReformatter()  # one for all the frames it letterboxes: it keeps its scaler
@@ -481,7 +516,7 @@ class _Drops:
     RECENT = 64  # packets remembered: far more than any decoder reorders
 
     def __init__(self, targets: np.ndarray):
-        self.targets = targets  # sorted
+        self.targets = targets.tolist()  # sorted; a list: bisect on it costs a tenth of np.searchsorted
         self.restart()
 
     def restart(self) -> None:
@@ -510,7 +545,7 @@ class _Drops:
         if not earlier or at + 1 == len(self.sorted):
             return False
         after = self.sorted[at + 1]
-        return np.searchsorted(self.targets, t) == np.searchsorted(self.targets, after)
+        return bisect.bisect_left(self.targets, t) == bisect.bisect_left(self.targets, after)
 
 
 def _targets(start: float, length: float, spec: DecodeSpec) -> np.ndarray:
@@ -560,7 +595,7 @@ class _Picture:
         self.filled += 1
 
 
-def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]):
+def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]], reused=None):
     """Each window's audio, in order: mono float32 at spec.sample_rate from the window's start,
     not cut to its length yet, and empty without a track.
 
@@ -569,6 +604,12 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     one read. With no window being decoded, the read seeks to the next restart packet when that
     is more than AUDIO_SEEK_S ahead; where a seek fails or lands after it (FLV, MPEG-TS), the input
     is opened again and read from time 0 without seeking, as the pictures are.
+
+    A `reused` opening (an MP4 the pictures are read from too, the caller's to close) is read
+    first, sought to each window's restart packet wherever the read stands: an MP4 seek lands on
+    the last packet not after the time sought, or on the first packet when none is, which is then
+    the restart packet; that is trusted for a restart before time 0 (audio that starts late is
+    still read from time 0 in an opening of its own).
     """
     following = 0  # the first window whose decoder has not started
     live: deque[_AudioRun] = deque()
@@ -576,7 +617,8 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
     may_seek = True
     try:
         while following < len(windows):
-            with _open_container(source, spec) as container:
+            with contextlib.nullcontext(reused) if reused is not None else _open_container(source, spec) as container:
+                exact, reused = reused is not None, None
                 origin = _origin(_video_stream(container, spec))  # time 0 is the video's first frame
                 stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
                 if stream is None:
@@ -586,7 +628,7 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
                 while True:  # one read: from time 0, or from a seek
                     # pending: the last packet at or before the next restart, and the untimed ones after it
                     sought, pending = False, []
-                    if may_seek and not live and restarts[following] > position + AUDIO_SEEK_S:
+                    if may_seek and not live and (exact or restarts[following] > position + AUDIO_SEEK_S):
                         try:
                             container.seek(int(np.floor((restarts[following] + origin) / tb)), stream=stream)
                         except av.error.FFmpegError:
@@ -599,7 +641,9 @@ def _sounds(source: Source, spec: DecodeSpec, windows: list[tuple[float, float]]
                         if t is not None:
                             _check_duration(t, spec)
                             position = t
-                            if following < len(windows) and t > restarts[following] and sought and not pending:
+                            # (a restart before time 0 in an MP4: the seek landed on the first packet)
+                            if following < len(windows) and t > restarts[following] and sought and not pending \
+                                    and not (exact and restarts[following] <= 0):
                                 may_seek = False  # the seek landed after the restart packet
                                 break
                             while following < len(windows) and t > restarts[following]:
@@ -703,12 +747,19 @@ class _Sound:
     """One window's audio: decoded frames mixed to mono, resampled, trimmed by time.
 
     The resampler is the window's own, fed from the first frame that overlaps the window,
-    because its output depends on what it was fed before.
+    because its output depends on what it was fed before. It is fed BATCH samples at a time,
+    joined in a FIFO: each call costs PyAV's filter graph a push, pulls and an exception, as much
+    as the resampling of a 1024-sample AAC frame itself, and the resampler gives the same samples
+    however its input is cut (it gives all it can from what it has been fed), so the batch is
+    resampled before a rejected packet's silence goes in after it.
     """
+
+    BATCH = 16384
 
     def __init__(self, start: float, spec: DecodeSpec):
         self.start, self.end, self.rate = start, start + spec.clip_seconds, spec.sample_rate
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+        self.held = av.AudioFifo()
         self.chunks: list[np.ndarray] = []
         self.first: float | None = None  # time of the first frame kept
         self.done = False
@@ -721,20 +772,29 @@ class _Sound:
             self.done = True
         elif frame is None:
             if self.first is not None:
+                self._resample_held()
                 self.chunks.append(np.zeros(round(seconds * self.rate), np.float32))
         elif t + seconds > self.start:
             self.first = t if self.first is None else self.first
-            self._resample(frame)
+            frame.pts = None  # its time is t: the FIFO would check that the frames run on without a gap
+            self.held.write(frame)
+            if self.held.samples >= self.BATCH:
+                self._resample_held()
 
     def samples(self) -> np.ndarray:
         if self.first is None:
             return np.zeros(0, np.float32)
+        self._resample_held()
         self._resample(None)  # flush what the resampler holds back
         samples = np.concatenate(self.chunks or [np.zeros(0, np.float32)])
         skip = round((self.start - self.first) * self.rate)  # < 0: the audio starts late
         if skip < 0:
             return np.concatenate([np.zeros(-skip, np.float32), samples])
         return samples[skip:]
+
+    def _resample_held(self) -> None:
+        if self.held.samples:
+            self._resample(self.held.read())
 
     def _resample(self, frame) -> None:
         for mono in self.resampler.resample(frame):  # packed float32, one channel
@@ -787,8 +847,7 @@ def _open_input(source: Source, spec: DecodeSpec):
         size = source.seek(0, io.SEEK_END)
         source.seek(0)
         head = source.read(16)
-        source.seek(0)
-        input_file = source
+        input_file = _Handle(source, size)
     else:  # a pipe or a socket: read it, but never more than the limit allows
         data = source.read(spec.max_input_bytes + 1)
         size, input_file, head = len(data), io.BytesIO(data), data[:16]
@@ -797,6 +856,39 @@ def _open_input(source: Source, spec: DecodeSpec):
     if size > spec.max_input_bytes:
         raise DecodeError("too_large", f"{size} bytes > max_input_bytes {spec.max_input_bytes}")
     return input_file, head
+
+
+class _Handle:
+    """One opening's own read position in a seekable file object.
+
+    The pictures and the sound are read side by side from openings of their own (and WMA's audio
+    decoders borrow more), each reading and seeking where it needs: handed the caller's file object
+    itself, they would share its one position and read each other's bytes. A handle seeks the
+    file to its own position before every read; the file is never read whole, so a plan that
+    needs only the start of a long video reads only that.
+    """
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size, self.position = file, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        self.file.seek(self.position)
+        data = self.file.read(n)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _video_stream(container, spec: DecodeSpec):

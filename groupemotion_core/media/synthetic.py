@@ -16,7 +16,7 @@ import io
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import av
 import numpy as np
@@ -76,6 +76,27 @@ def render_clip(spec: SyntheticClip, dest: str | Path | BinaryIO | None = None) 
         return buffer.getvalue()
     _encode(spec, str(dest) if isinstance(dest, Path) else dest)
     return None
+
+
+def garble(data: bytes, damaged: Callable[[av.Packet], bool], seed: int = 0) -> bytes:
+    """The Matroska file `data` remuxed with the packets `damaged` picks replaced by random bytes
+    of the same size, times and keyframe flag: damage a decoder has to get through."""
+    rng = np.random.default_rng(seed)
+    garbled = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(garbled, "w", format="matroska") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is None:  # the flush packets at the end
+                continue
+            stream = streams[packet.stream.index]
+            if damaged(packet):
+                garbage = av.Packet(rng.bytes(packet.size))
+                garbage.pts, garbage.dts, garbage.duration = packet.pts, packet.dts, packet.duration
+                garbage.time_base, garbage.is_keyframe = packet.time_base, packet.is_keyframe
+                packet = garbage
+            packet.stream = stream
+            out.mux(packet)
+    return garbled.getvalue()
 
 
 def _encode(spec: SyntheticClip, target) -> None:

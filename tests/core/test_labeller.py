@@ -58,13 +58,17 @@ def test_every_window_and_the_video_as_their_length_weighted_mean(labeller, chec
     assert result.model_id == checkpoint[1] == labeller.model_id
 
 
-def test_bytes_and_any_batch_size_give_the_same_numbers(checkpoint, labeller, video):
+def test_bytes_a_file_object_and_any_batch_size_give_the_same_numbers(checkpoint, labeller, video):
     by_path = labeller.label(video)
     by_bytes = Labeller.load(str(checkpoint[0]), device="cpu", batch_size=2).label(video.read_bytes())
-    assert [(w.start_s, w.end_s, w.label) for w in by_bytes.windows] == [
-        (w.start_s, w.end_s, w.label) for w in by_path.windows]
-    np.testing.assert_allclose([[w.probabilities[c] for c in CLASSES] for w in by_bytes.windows],
-                               [[w.probabilities[c] for c in CLASSES] for w in by_path.windows], atol=1e-6)
+    with open(video, "rb") as f:
+        by_file = labeller.label(f)
+    for other in (by_bytes, by_file):
+        assert [(w.start_s, w.end_s, w.label) for w in other.windows] == [
+            (w.start_s, w.end_s, w.label) for w in by_path.windows]
+        np.testing.assert_allclose([[w.probabilities[c] for c in CLASSES] for w in other.windows],
+                                   [[w.probabilities[c] for c in CLASSES] for w in by_path.windows], atol=1e-6)
+    assert [w.probabilities for w in by_file.windows] == [w.probabilities for w in by_path.windows]  # one batch size
 
 
 def test_window_options_are_infers(labeller, video):

@@ -12,7 +12,7 @@ import pytest
 import groupemotion_core.media.decode as decode
 from groupemotion_core.media.decode import DecodeSpec, decode_clip, decode_windows
 from groupemotion_core.media.spec import WindowPlan
-from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import SyntheticClip, garble, render_clip
 
 SPEC = DecodeSpec(frame_size=16, clip_seconds=2.0)
 REAL = Path(__file__).resolve().parents[2] / "media" / "real"
@@ -66,3 +66,26 @@ def test_sparse_windows_decode_the_audio_of_the_windows_only(monkeypatch):
     assert [w.start_s for w in windows] == [0.0, 28.0, 58.0]
     assert all(w.clip.audio_len == SPEC.audio_samples for w in windows)
     assert sum(packets) <= 3 * (SPEC.clip_seconds + decode.AUDIO_PREROLL_S + 0.5) * 16000 / 1024
+
+
+def test_silence_for_rejected_packets_lands_where_it_did_with_a_frame_resampled_at_a_time(monkeypatch):
+    """The resampler is fed a batch of frames at a time; a packet the decoder rejects becomes
+    silence after all the samples before it, as when every frame was resampled on its own."""
+    source = render_clip(SyntheticClip(container="mkv", seconds=6.0, fps=10, seed=4, sample_rate=44100))
+    rng = np.random.default_rng(1)
+    data = garble(source, lambda packet: packet.stream.type == "audio" and rng.random() < 0.1, seed=1)
+    rejected = []
+    original = decode._decode_packet
+
+    def noting(packet, decoder=None):
+        frames = original(packet, decoder)
+        rejected.append(decoder is not None and frames is None)
+        return frames
+
+    monkeypatch.setattr(decode, "_decode_packet", noting)
+    batched = list(decode_windows(data, SPEC))
+    assert sum(rejected) > 5
+    monkeypatch.setattr(decode._Sound, "BATCH", 1)
+    for window, alone in zip(batched, decode_windows(data, SPEC)):
+        assert window.clip.audio_len == SPEC.audio_samples
+        np.testing.assert_array_equal(window.clip.audio, alone.clip.audio)

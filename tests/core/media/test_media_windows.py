@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 
 import groupemotion_core.media.decode as decode
-from groupemotion_core.media.decode import DecodeError, DecodeSpec, decode_clip, decode_windows
+from groupemotion_core.media.decode import DecodeError, DecodeSpec, Window, decode_clip, decode_windows
 from groupemotion_core.media.spec import FIRST_WINDOW, WindowPlan, plan_windows
-from groupemotion_core.media.synthetic import SyntheticClip, render_clip
+from groupemotion_core.media.synthetic import SyntheticClip, garble, render_clip
 
 SPEC = DecodeSpec(frame_size=32, clip_seconds=2.0)
 SECONDS = 11.0
@@ -113,25 +112,51 @@ def test_a_pipe_gives_the_same_windows_as_bytes(videos):
         assert_same_clip(window, expected.clip)
 
 
+@pytest.mark.parametrize("name", ["mp4", "ts", "flv"])
+def test_a_file_object_gives_the_same_windows_and_clips_as_bytes(videos, name, tmp_path):
+    """The pictures and the sound read the file side by side, each opening at a position of its own."""
+    data = videos[name]
+    path = tmp_path / f"video.{name}"
+    path.write_bytes(data)
+    for plan in (PLANS["back_to_back"], PLANS["sparse"]):
+        with open(path, "rb") as f:
+            from_file = list(decode_windows(f, SPEC, plan))
+        expected = list(decode_windows(data, SPEC, plan))
+        assert len(from_file) == len(expected) > 1
+        for window, alone in zip(from_file, expected):
+            assert window.error is None and window.clip.audio_len > 0
+            assert_same_clip(window, alone.clip)
+    with open(path, "rb") as f:
+        f.seek(100)  # wherever the caller left it: the video is read from its start
+        clip = decode_clip(f, SPEC, 7.0)
+    assert expected[2].start_s == 7.0
+    assert_same_clip(expected[2], clip)
+
+
+def test_an_mp4_read_a_window_at_a_time_is_opened_once_and_gives_what_an_opening_per_reader_gives(videos, monkeypatch):
+    """decode_clip and sparse windows of an MP4 read the pictures and the sound from the opening
+    the window's length or the video's end was found in, each seeking to every window (window 0's
+    audio restarts before the first packet)."""
+    data, starts, sparse = videos["mp4"], (0.0, 0.5, 7.0, 10.0), WindowPlan(max_windows=2)
+    opened = []
+    opening = decode._open_container
+    monkeypatch.setattr(decode, "_open_container", lambda *args: opened.append(1) or opening(*args))
+    clips = [decode_clip(data, SPEC, start) for start in starts]
+    windows = list(decode_windows(data, SPEC, sparse))
+    assert len(opened) == len(starts) + 1 and len(windows) == 2
+
+    monkeypatch.setattr(decode, "_reusable", lambda container: None)  # each reader opens the input
+    for clip, start in zip(clips, starts):
+        assert_same_clip(Window(0, 1, start, start + clip.seconds, clip), decode_clip(data, SPEC, start))
+    for window, expected in zip(windows, decode_windows(data, SPEC, sparse)):
+        assert_same_clip(window, expected.clip)
+    assert len(opened) > 3 * (len(starts) + 1)
+
+
 def garbled_start(seconds: float) -> bytes:
     """A 6 s H.264 MKV, keyframes 2 s apart, whose video packets before `seconds` are garbage."""
     source = render_clip(SyntheticClip(container="mkv", seconds=6.0, fps=10, keyint=20, seed=1))
-    rng = np.random.default_rng(0)
-    garbled = io.BytesIO()
-    with av.open(io.BytesIO(source)) as src, av.open(garbled, "w", format="matroska") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
-        for packet in src.demux():
-            if packet.dts is None:  # the flush packets at the end
-                continue
-            stream = streams[packet.stream.index]
-            if packet.stream.type == "video" and packet.pts * packet.time_base < seconds:
-                garbage = av.Packet(rng.bytes(packet.size))
-                garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
-                garbage.is_keyframe = packet.is_keyframe
-                packet = garbage
-            packet.stream = stream
-            out.mux(packet)
-    return garbled.getvalue()
+    return garble(source, lambda packet: packet.stream.type == "video" and packet.pts * packet.time_base < seconds)
 
 
 def test_a_window_without_a_picture_is_yielded_with_its_error():
