@@ -88,7 +88,9 @@ _BYTES_PER_TASK = 256 << 20
 # A read task hands a block to Ray Data once it holds `block_videos` videos (default BLOCK_VIDEOS)
 # or BLOCK_BYTES of video: small blocks spread a shard over the decode actors (a block is decoded
 # by one actor), and a few videos a block keep the number of Ray Data tasks per second low on a
-# large cluster. The byte bound holds a block of long videos to a few of them.
+# large cluster. The byte bound holds a block of long videos to a few of them. Ray Data joins a
+# task's yields up to its own target block size (128 MiB) and splits them again into the block
+# count asked for (`blocks`), which therefore sizes a decode task where it is given.
 BLOCK_VIDEOS = 4
 BLOCK_BYTES = 64 << 20
 # A table's read task hands over this many rows (no bytes yet) a block; each is one fetch task.
