@@ -25,9 +25,8 @@ pack. One custom `ray.data.Datasource` plans the reads: one read task per shard,
 group of plain objects, one per table. It is a Datasource of its own rather than `read_binary_files` because
 the size limit must be checked before an object is read, each object's label must travel with
 its own read task (not a whole-dataset dict shipped to every worker), and both layouts must give
-the same schema. A read task hands over its rows a few videos at a time (`block_videos`, which
-the inference job sizes from its video count: `ray_jobs.predict.pipeline`), so that the decode
-actors share the work of one shard instead of one actor decoding a whole block.
+the same schema. A read task hands over its rows a few videos at a time (`_BLOCK_VIDEOS`), so
+that the decode actors share the work of one shard instead of one actor decoding a whole block.
 
 Shards are untrusted input. A shard is streamed with `tarfile` (mode `r|`, no seeking, no
 decompression) and members are only ever read into memory: a member name is never a filesystem
@@ -85,13 +84,12 @@ MAX_LABEL_MEMBER_BYTES = 64 << 10
 # Plain objects are grouped into read tasks of at most this many objects and bytes.
 _OBJECTS_PER_TASK = 64
 _BYTES_PER_TASK = 256 << 20
-# A read task hands a block to Ray Data once it holds `block_videos` videos (default BLOCK_VIDEOS)
-# or BLOCK_BYTES of video: small blocks spread a shard over the decode actors (a block is decoded
-# by one actor), and a few videos a block keep the number of Ray Data tasks per second low on a
-# large cluster. The byte bound holds a block of long videos to a few of them. Ray Data joins a
-# task's yields up to its own target block size (128 MiB) and splits them again into the block
-# count asked for (`blocks`), which therefore sizes a decode task where it is given.
-BLOCK_VIDEOS = 4
+# A read task hands a block to Ray Data once it holds this many videos or bytes of video: small
+# blocks spread a shard over the decode actors (a block is decoded by one actor), and a few videos
+# a block keep the number of Ray Data tasks per second low on a large cluster. Ray Data joins a
+# task's blocks up to its own target block size (128 MiB), then splits them into the block count
+# asked for (`blocks`): where that is given, it is what sizes a decode task.
+_BLOCK_VIDEOS = 4
 BLOCK_BYTES = 64 << 20
 # A table's read task hands over this many rows (no bytes yet) a block; each is one fetch task.
 _TABLE_BLOCK_ROWS = 64
@@ -118,7 +116,6 @@ def read_sources(
     table_reads: list[TableRead] = (),
     uri_column: str = tables.URI_COLUMN,
     fetch: bool = True,
-    block_videos: int = BLOCK_VIDEOS,
 ) -> ray.data.Dataset:
     """A Ray Dataset of SourceRows (plus `error` and `shard_end`) for every clip under `uris`
     and in `table_reads` (tables in `uris` are read whole; table i of the key is the i-th of
@@ -127,7 +124,7 @@ def read_sources(
     The inputs are listed on the driver (see `list_inputs`); reading happens in Ray tasks, each
     holding `num_cpus` (Ray's default: 1), at most `concurrency` at once (default: as resources
     allow), and giving `blocks` blocks in all (Ray Data's `override_num_blocks`; default: Ray
-    Data's choice, at least 200), each of at most `block_videos` videos. `labels_csv` labels plain video objects (one it does not name
+    Data's choice, at least 200). `labels_csv` labels plain video objects (one it does not name
     has no label); shards carry their own labels. Objects and members over `max_video_bytes` are
     not read (an error row). `shard_ends` ends each shard with its marker row (module docstring).
     Without `fetch` the table rows come without their bytes: the caller adds `fetch_stage`.
@@ -135,24 +132,23 @@ def read_sources(
     inputs = _expand(uris) if uris or not table_reads else []
     reads = [*table_reads, *(TableRead(uri) for uri, _ in inputs if layout(uri) == "table")]
     labels = read_labels_csv(labels_csv) if labels_csv else None
-    source = _SourceDatasource(inputs, labels, max_video_bytes, shard_ends, reads, uri_column, block_videos)
+    source = _SourceDatasource(inputs, labels, max_video_bytes, shard_ends, reads, uri_column)
     ds = ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=concurrency, override_num_blocks=blocks)
     if not (fetch and reads):
         return ds
-    return fetch_stage(ds, max_video_bytes, num_cpus=num_cpus, concurrency=concurrency, block_videos=block_videos)
+    return fetch_stage(ds, max_video_bytes, num_cpus=num_cpus, concurrency=concurrency)
 
 
 def fetch_stage(ds: ray.data.Dataset, max_video_bytes: int = DecodeSpec().max_input_bytes, *,
-                num_cpus: float | None = None, concurrency: int | None = None,
-                block_videos: int = BLOCK_VIDEOS) -> ray.data.Dataset:
+                num_cpus: float | None = None, concurrency: int | None = None) -> ray.data.Dataset:
     """The table rows of `ds` with their video bytes (or the error reading them: missing, too
     large, the store failing after its retries); every other row as it was. Each task takes one
-    read block and hands it on `block_videos` videos at a time, reading a few objects at once."""
-    return ds.map_batches(_fetch, fn_args=(max_video_bytes, block_videos), batch_size=None, batch_format="pyarrow",
+    read block and hands it on _BLOCK_VIDEOS videos at a time, reading a few objects at once."""
+    return ds.map_batches(_fetch, fn_args=(max_video_bytes,), batch_size=None, batch_format="pyarrow",
                           num_cpus=num_cpus, concurrency=concurrency)
 
 
-def _fetch(batch: pa.Table, max_video_bytes: int, block_videos: int) -> Iterator[pa.Table]:
+def _fetch(batch: pa.Table, max_video_bytes: int) -> Iterator[pa.Table]:
     from concurrent.futures import ThreadPoolExecutor
 
     def read(row: dict) -> dict:
@@ -166,8 +162,8 @@ def _fetch(batch: pa.Table, max_video_bytes: int, block_videos: int) -> Iterator
 
     rows = batch.to_pylist()
     with ThreadPoolExecutor(_FETCH_THREADS) as pool:
-        for start in range(0, len(rows), block_videos):
-            yield pa.Table.from_pylist(list(pool.map(read, rows[start : start + block_videos])),
+        for start in range(0, len(rows), _BLOCK_VIDEOS):
+            yield pa.Table.from_pylist(list(pool.map(read, rows[start : start + _BLOCK_VIDEOS])),
                                        schema=SourceRow.SCHEMA)
 
 
@@ -350,9 +346,9 @@ class _SourceDatasource(Datasource):
 
     def __init__(
         self, inputs: list[tuple[str, int]], labels: dict[str, str] | None, max_video_bytes: int, shard_ends: bool,
-        table_reads: list[TableRead], uri_column: str, block_videos: int,
+        table_reads: list[TableRead], uri_column: str,
     ):
-        self._shard_ends, self._block_videos = shard_ends, block_videos
+        self._shard_ends = shard_ends
         self._tables, self._uri_column = table_reads, uri_column
         self._shards = [(u, s) for u, s in inputs if layout(u) == "tar"]
         self._videos = [
@@ -369,9 +365,9 @@ class _SourceDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         """Shard tasks first, in input order, then the object groups, then the tables."""
-        limit, per_block = self._max_video_bytes, self._block_videos
-        tasks = [_shard_task(uri, size, limit, self._shard_ends, per_block) for uri, size in self._shards]
-        tasks += [_video_task(group, limit, per_block) for group in _groups(self._videos, parallelism)]
+        limit = self._max_video_bytes
+        tasks = [_shard_task(uri, size, limit, self._shard_ends) for uri, size in self._shards]
+        tasks += [_video_task(group, limit) for group in _groups(self._videos, parallelism)]
         tasks += [_table_task(i, read, self._uri_column) for i, read in enumerate(self._tables)]
         return tasks
 
@@ -401,7 +397,7 @@ def _metadata(num_rows: int | None, size: int, files: list[str]) -> BlockMetadat
     return BlockMetadata(num_rows=num_rows, size_bytes=size, exec_stats=None, input_files=files)
 
 
-def _shard_task(uri: str, size: int, max_video_bytes: int, shard_end: bool, block_videos: int) -> ReadTask:
+def _shard_task(uri: str, size: int, max_video_bytes: int, shard_end: bool) -> ReadTask:
     def rows():
         count = 0
         for row in _shard_rows(uri, max_video_bytes):
@@ -410,12 +406,12 @@ def _shard_task(uri: str, size: int, max_video_bytes: int, shard_end: bool, bloc
         if shard_end:
             yield {**_row(uri, None, None), SourceRow.SHARD_END: count}
 
-    return ReadTask(lambda: _blocks(rows(), block_videos), _metadata(None, size, [uri]), SourceRow.SCHEMA)
+    return ReadTask(lambda: _blocks(rows()), _metadata(None, size, [uri]), SourceRow.SCHEMA)
 
 
-def _video_task(group: list[_Video], max_video_bytes: int, block_videos: int) -> ReadTask:
+def _video_task(group: list[_Video], max_video_bytes: int) -> ReadTask:
     meta = _metadata(len(group), sum(v.size for v in group), [v.uri for v in group])
-    return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes), block_videos), meta, SourceRow.SCHEMA)
+    return ReadTask(lambda: _blocks(_video_rows(group, max_video_bytes)), meta, SourceRow.SCHEMA)
 
 
 def _table_task(index: int, read: TableRead, uri_column: str) -> ReadTask:
@@ -445,15 +441,14 @@ def _table_rows(index: int, read: TableRead, uri_column: str) -> Iterator[dict]:
             yield _row(key, None, _canonical(labels[offset] if labels else None), error)
 
 
-def _blocks(rows: Iterator[dict], block_videos: int) -> Iterator[pa.Table]:
-    """Rows -> Arrow tables of `block_videos` rows or about BLOCK_BYTES, so a big shard never
-    sits in memory whole."""
+def _blocks(rows: Iterator[dict]) -> Iterator[pa.Table]:
+    """Rows -> Arrow tables of about BLOCK_BYTES, so a big shard never sits in memory whole."""
     batch: list[dict] = []
     held = 0
     for row in rows:
         batch.append(row)
         held += len(row[SourceRow.VIDEO] or b"")
-        if held >= BLOCK_BYTES or len(batch) >= block_videos:
+        if held >= BLOCK_BYTES or len(batch) >= _BLOCK_VIDEOS:
             yield pa.Table.from_pylist(batch, schema=SourceRow.SCHEMA)
             batch, held = [], 0
     if batch:

@@ -167,24 +167,22 @@ def read_stage(uris: list[str], options: PredictOptions, videos: int | None, *, 
     from ray_jobs.inputs.tables import URI_COLUMN
 
     concurrency = max(1, options.decode_cpus // DECODERS_PER_READ_TASK)
-    per_task = decode_task_videos(videos, options.decode_cpus)
     if table_reads:  # a block per read task: Ray Data would otherwise split a table's blocks of rows to single rows
         blocks = len(uris) + len(table_reads)
     else:
-        blocks = None if videos is None else max(1, -(-videos // per_task))
+        blocks = None if videos is None else max(1, -(-videos // decode_task_videos(videos, options.decode_cpus)))
     sources = read_sources(uris, labels_csv, shard_ends=shard_ends, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency,
-                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False,
-                           block_videos=per_task)
+                           blocks=blocks, table_reads=table_reads, uri_column=uri_column or URI_COLUMN, fetch=False)
     bound_object_store(sources, options, videos)  # before the fetch stage: the read's size is known without reading
     if not table_reads and not any(layout(uri) == "table" for uri in uris):
         return sources
-    return fetch_stage(sources, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency, block_videos=per_task)
+    return fetch_stage(sources, num_cpus=pools.SMALL_TASK_CPUS, concurrency=concurrency)
 
 
 def decode_task_videos(videos: int | None, decoders: int) -> int:
     """Videos a decode task gets (module docstring): MIN_VIDEOS_PER_DECODE_TASK, or more when
     the job has enough videos to give each of its `decoders` DECODE_TASKS_PER_DECODER tasks or
-    more, up to MAX_VIDEOS_PER_DECODE_TASK. Unknown counts (tables) get the fewest."""
+    more, up to MAX_VIDEOS_PER_DECODE_TASK. An unknown count gets the fewest."""
     if not videos:
         return MIN_VIDEOS_PER_DECODE_TASK
     per_task = videos // (max(1, decoders) * DECODE_TASKS_PER_DECODER)
